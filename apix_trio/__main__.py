@@ -1,0 +1,3 @@
+from apix_trio.cli import main
+
+raise SystemExit(main())
