@@ -1,0 +1,397 @@
+"""One WebSocket connection: its nursery, its tasks, its close.
+
+Theory of operation
+-------------------
+`Connection.run` owns the connection's nursery:
+
+- reader: the only task that reads the socket. It decodes frames through the
+  sans-IO `ServerProtocol`, answers what needs no I/O (bad frames,
+  unauthenticated ops, rate limits) and queues commands for the op worker; it
+  never waits on the broker, so pings and close frames keep flowing.
+- work scope (cancelled first on close), a child nursery with:
+  - writer: outbox -> socket, a batch per write;
+  - op worker: runs commands one at a time, in arrival order, so one
+    client's publishes are stored in the order it sent them;
+  - heartbeat: ping every `heartbeat.interval`, close 4008 without a pong;
+  - auth timer, then token timers (warn before `exp`, close 4003 after it).
+
+Any task may call `request_close(code)`: it is synchronous, idempotent and
+the first call wins. The nursery body then cancels the work scope (a socket
+write in progress finishes, bounded by the send timeout), sends the close
+frame, waits a moment for the peer's close, and cancels the reader. Cleanup
+(router, registry, metrics) is synchronous in `finally`, so a cancelled
+connection leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from typing import TYPE_CHECKING
+
+import trio
+
+from apix_trio.auth import Identity
+from apix_trio.backoff import jittered_first_ping
+from apix_trio.permissions import Permissions
+from apix_trio.protocol.codec import encode_error, encode_push
+from apix_trio.protocol.codes import CLOSE_REASONS, CloseCode, ErrorCode
+from apix_trio.protocol.frames import Auth, Command
+from apix_trio.protocol.machine import Rejection, ServerProtocol
+from apix_trio.ratelimit import AbuseTracker, TokenBucket
+from apix_trio.subscriptions import ChannelSubscription
+from apix_trio.websocket import PeerClosed, ProtocolClose, ServerWebSocket
+from apix_trio.wire import text_frame_str
+
+if TYPE_CHECKING:
+    from apix_trio.hub import Hub
+
+OP_QUEUE = 64
+CLOSE_WAIT = 2.0
+FLUSH_WAIT = 2.0
+
+
+def new_connection_id() -> str:
+    return secrets.token_hex(8)
+
+
+class Connection:
+    """See the module docstring."""
+
+    def __init__(self, hub: Hub, ws: ServerWebSocket, *, conn_id: str | None = None) -> None:
+        settings = hub.settings
+        self.hub = hub
+        self.ws = ws
+        self.id = conn_id or new_connection_id()
+        self.identity: Identity | None = None
+        self.permissions: Permissions | None = None
+        self.session = ""
+        self.subscriptions: dict[str, ChannelSubscription] = {}
+        self.outbox_limit_items = settings.limits.outbox_size
+        from apix_trio.outbox import Outbox
+
+        self.outbox = Outbox(settings.limits.outbox_size, settings.limits.outbox_bytes)
+        self.protocol = ServerProtocol(settings.limits.bad_frames)
+        rate = settings.limits.ops_per_second
+        self.bucket = TokenBucket(rate, 2 * rate)
+        self.abuse = AbuseTracker()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.opened_at = trio.current_time()
+        self._closing = trio.Event()
+        self._authenticated = trio.Event()
+        self._reader_done = trio.Event()
+        self._pong = trio.Event()
+        self._ping_payload = b""
+        self._ping_counter = itertools.count(1)
+        self._ops_send, self._ops_recv = trio.open_memory_channel[Command](OP_QUEUE)
+        self._work_nursery: trio.Nursery | None = None
+        self._token_scope: trio.CancelScope | None = None
+        self._joined_org = False
+        self._flush_before_close = True
+        self.log = hub.log.bind(conn=self.id)
+        ws.on_pong = self._on_pong
+
+    # -- identity --------------------------------------------------------------
+
+    @property
+    def org(self) -> str:
+        assert self.identity is not None
+        return self.identity.org
+
+    @property
+    def sub(self) -> str:
+        assert self.identity is not None
+        return self.identity.sub
+
+    def authenticate(self, identity: Identity) -> bool:
+        """Adopt `identity`; False when the org is at its connection cap."""
+        limit = self.hub.settings.limits.max_connections_per_org
+        if not self.hub.registry.try_join_org(identity.org, limit):
+            return False
+        self._joined_org = True
+        self.identity = identity
+        self.permissions = Permissions.from_identity(identity)
+        self.session = secrets.token_urlsafe(12)
+        self.protocol.mark_authenticated()
+        self.log = self.log.bind(org=identity.org, sub=identity.sub)
+        self._authenticated.set()
+        self._restart_token_timers()
+        return True
+
+    def replace_identity(self, identity: Identity) -> None:
+        """After a successful `refresh`: new claims and expiry, same org/sub."""
+        self.identity = identity
+        self.permissions = Permissions.from_identity(identity)
+        self._restart_token_timers()
+
+    def auth_result(self, *, resumed: bool = False) -> dict[str, object]:
+        assert self.identity is not None
+        return {
+            "conn": self.id,
+            "org": self.identity.org,
+            "sub": self.identity.sub,
+            "exp": self.identity.exp,
+            "session": self.session,
+            "heartbeat": self.hub.settings.heartbeat.interval,
+            "resumed": resumed,
+        }
+
+    # -- outbound --------------------------------------------------------------
+
+    def send_text(self, text: str) -> None:
+        """Queue a reply or push; a full outbox closes the connection (4009)."""
+        if not self.outbox.put_nowait(text_frame_str(text)):
+            self._slow_consumer()
+
+    def enqueue_event(self, frame: bytes, ts: int) -> None:
+        if not self.outbox.put_nowait(frame, ts):
+            self._slow_consumer()
+
+    def _slow_consumer(self) -> None:
+        if not self._closing.is_set():
+            self.hub.metrics.slow_consumers.inc()
+            stats = self.outbox.statistics()
+            self.log.warning("slow_consumer", queued=stats.items, queued_bytes=stats.bytes)
+        self.request_close(CloseCode.SLOW_CONSUMER, flush=False)
+
+    def request_close(self, code: int, reason: str | None = None, *, flush: bool = True) -> None:
+        """Ask the connection to close with `code`; the first request wins.
+
+        With `flush`, frames already queued (e.g. the error reply that
+        explains the close) are written first, for at most FLUSH_WAIT
+        seconds; without it they are dropped (slow consumer, dead peer).
+        """
+        if self._closing.is_set():
+            return
+        self._flush_before_close = flush
+        self.close_code = code
+        try:
+            default = CLOSE_REASONS[CloseCode(code)]
+        except ValueError:
+            default = ""
+        self.close_reason = reason if reason is not None else default
+        if flush:
+            self.outbox.seal()
+        else:
+            self.outbox.close()
+        self._ops_recv.close()  # a reader blocked on a full op queue wakes up
+        self._closing.set()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self, *, header_identity: Identity | None = None) -> None:
+        """Serve the connection until it closes; never raises for client faults.
+
+        Resource handling: registers with the hub's registry and removes every
+        trace (router entries, org count, gauges) in `finally`, and closes the
+        socket.
+        """
+        hub = self.hub
+        hub.registry.add(self)
+        hub.metrics.connections.inc()
+        hub.metrics.connections_total.inc()
+        self.log.info("connect")
+        try:
+            if header_identity is not None:
+                if self.authenticate(header_identity):
+                    self.send_text(encode_push("connected", **self.auth_result()))
+                else:
+                    self.request_close(CloseCode.POLICY_VIOLATION, "connection limit reached")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_loop)
+                work = trio.CancelScope()
+                nursery.start_soon(self._work, work)
+                await self._closing.wait()
+                if self._flush_before_close:
+                    with trio.move_on_after(FLUSH_WAIT):
+                        await self.outbox.wait_empty()
+                work.cancel()
+                await self._send_close()
+                with trio.move_on_after(CLOSE_WAIT):
+                    await self._reader_done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._cleanup()
+            await self.ws.aclose()
+
+    async def _send_close(self) -> None:
+        code = self.close_code or CloseCode.NORMAL
+        try:
+            await self.ws.send_close(code, self.close_reason)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def _cleanup(self) -> None:
+        hub = self.hub
+        for subscription in self.subscriptions.values():
+            hub.router.remove(self.org, subscription.channel, subscription)
+        hub.metrics.subscriptions.dec(len(self.subscriptions))
+        self.subscriptions.clear()
+        self.outbox.close()
+        self._ops_send.close()
+        self._ops_recv.close()
+        if self._joined_org and self.identity is not None:
+            hub.registry.leave_org(self.identity.org)
+            self._joined_org = False
+        hub.registry.discard(self)
+        hub.metrics.connections.dec()
+        code = self.close_code if self.close_code is not None else 1006
+        hub.metrics.closes.labels(code=str(code)).inc()
+        self.log.info(
+            "close",
+            code=code,
+            reason=self.close_reason,
+            duration=round(trio.current_time() - self.opened_at, 3),
+        )
+
+    async def _work(self, scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                self._work_nursery = nursery
+                nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._op_loop)
+                nursery.start_soon(self._heartbeat)
+                if self.identity is None:
+                    nursery.start_soon(self._auth_timer)
+                elif self._token_scope is None:
+                    self._restart_token_timers()
+
+    # -- reader ----------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                text = await self.ws.next_message()
+                if self._closing.is_set():
+                    continue
+                await self._on_text(text)
+        except ProtocolClose as exc:
+            self.request_close(exc.code, exc.reason)
+        except PeerClosed as exc:
+            code = exc.code if exc.code is not None else 1006
+            self.request_close(code, exc.reason, flush=False)
+        finally:
+            self._reader_done.set()
+
+    async def _on_text(self, text: str) -> None:
+        result = self.protocol.receive_text(text)
+        if isinstance(result, Rejection):
+            if result.code is ErrorCode.BAD_REQUEST:
+                self.hub.metrics.bad_frames.inc()
+            self.send_text(result.reply)
+            if result.close is not None:
+                self.request_close(result.close)
+            return
+        if self.identity is not None and not isinstance(result, Auth):
+            now = trio.current_time()
+            retry_after = self.bucket.try_take(now)
+            if retry_after > 0:
+                self.hub.metrics.rate_limited.inc()
+                self.send_text(
+                    encode_error(
+                        result.id,
+                        ErrorCode.RATE_LIMITED,
+                        "too many operations",
+                        retry_after=round(retry_after, 3),
+                    )
+                )
+                if self.abuse.record(now, limited=True):
+                    self.request_close(CloseCode.RATE_LIMIT_ABUSE)
+                return
+            self.abuse.record(now, limited=False)
+        try:
+            await self._ops_send.send(result)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    # -- op worker -------------------------------------------------------------
+
+    async def _op_loop(self) -> None:
+        from apix_trio.ops import run_command
+
+        try:
+            async for command in self._ops_recv:
+                await run_command(self, command)
+        except trio.ClosedResourceError:
+            return  # request_close closed the queue
+
+    # -- writer ----------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        metrics = self.hub.metrics
+        latency = metrics.latency
+        try:
+            while True:
+                batch = await self.outbox.get_batch()
+                await self.ws.send_raw_frames(b"".join(item.frame for item in batch))
+                now_ms = self.hub.wall() * 1000
+                events = 0
+                for item in batch:
+                    if item.event_ts is not None:
+                        latency.observe(now_ms - item.event_ts)
+                        events += 1
+                if events:
+                    metrics.delivered.inc(events)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.request_close(1006, "connection lost", flush=False)
+
+    # -- timers ----------------------------------------------------------------
+
+    def _on_pong(self, payload: bytes) -> None:
+        if payload == self._ping_payload:
+            self._pong.set()
+
+    async def _heartbeat(self) -> None:
+        settings = self.hub.settings.heartbeat
+        await trio.sleep(jittered_first_ping(settings.interval, self.hub.rng))
+        while True:
+            sent_at = trio.current_time()
+            self._pong = trio.Event()
+            self._ping_payload = str(next(self._ping_counter)).encode()
+            try:
+                await self.ws.send_ping(self._ping_payload)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.request_close(1006, "connection lost", flush=False)
+                return
+            with trio.move_on_after(settings.timeout):
+                await self._pong.wait()
+            if not self._pong.is_set():
+                self.log.info("heartbeat_timeout")
+                self.request_close(CloseCode.HEARTBEAT_TIMEOUT, flush=False)
+                return
+            await trio.sleep_until(sent_at + settings.interval)
+
+    async def _auth_timer(self) -> None:
+        with trio.move_on_after(self.hub.settings.auth.timeout):
+            await self._authenticated.wait()
+            return
+        self.log.info("auth_timeout")
+        self.request_close(CloseCode.UNAUTHENTICATED, "authentication timeout")
+
+    def _restart_token_timers(self) -> None:
+        if self._token_scope is not None:
+            self._token_scope.cancel()
+        if self._work_nursery is None or self.identity is None:
+            self._token_scope = None
+            return
+        scope = trio.CancelScope()
+        self._token_scope = scope
+        self._work_nursery.start_soon(self._token_timers, scope, self.identity.exp)
+
+    async def _token_timers(self, scope: trio.CancelScope, exp: int) -> None:
+        auth = self.hub.settings.auth
+        with scope:
+            warn_in = exp - auth.expiry_warning - self.hub.wall()
+            if warn_in > 0:
+                await trio.sleep(warn_in)
+            self.send_text(encode_push("token_expiring", exp=exp))
+            close_in = exp + auth.leeway - self.hub.wall()
+            if close_in > 0:
+                await trio.sleep(close_in)
+            self.log.info("token_expired")
+            self.request_close(CloseCode.TOKEN_EXPIRED)

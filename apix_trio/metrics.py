@@ -1,0 +1,115 @@
+"""Server metrics: Prometheus counters and gauges, plus a cheap latency histogram.
+
+The publish->deliver histogram is observed once per delivered event, on the
+hot path, so it is a plain bucket array (bisect + one increment) exported
+through a custom collector instead of a prometheus_client Histogram with its
+per-observation locking.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+class LatencyHistogram:
+    """Milliseconds histogram with fixed buckets; `quantile` for reports."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS_MS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value_ms: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value_ms)] += 1
+        self.total += value_ms
+        self.count += 1
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding quantile `q` (inf past the last)."""
+        if not self.count:
+            return 0.0
+        rank = q * self.count
+        seen = 0
+        for index, count in enumerate(self.counts):
+            seen += count
+            if seen >= rank:
+                return float(self.bounds[index]) if index < len(self.bounds) else float("inf")
+        return float("inf")
+
+
+class _HistogramCollector(Collector):
+    def __init__(self, name: str, doc: str, histogram: LatencyHistogram) -> None:
+        self._name = name
+        self._doc = doc
+        self._histogram = histogram
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        h = self._histogram
+        buckets = []
+        running = 0
+        for bound, count in zip(h.bounds, h.counts, strict=False):
+            running += count
+            buckets.append((str(bound / 1000), running))
+        buckets.append(("+Inf", h.count))
+        family = HistogramMetricFamily(self._name, self._doc)
+        family.add_metric([], buckets, h.total / 1000)
+        yield family
+
+
+class Metrics:
+    """Every metric of one server, in its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge("apix_connections", "Open WebSocket connections", registry=r)
+        self.connections_total = Counter(
+            "apix_connections_accepted", "WebSocket connections accepted", registry=r
+        )
+        self.closes = Counter(
+            "apix_connection_closes", "Connections closed, by close code", ["code"], registry=r
+        )
+        self.auth_failures = Counter(
+            "apix_auth_failures", "Failed authentications, by reason", ["reason"], registry=r
+        )
+        self.handshake_rejections = Counter(
+            "apix_handshake_rejections", "Upgrades rejected, by HTTP status", ["status"],
+            registry=r,
+        )
+        self.published = Counter("apix_events_published", "Events stored", registry=r)
+        self.duplicates = Counter(
+            "apix_publish_duplicates", "Publishes answered from the idempotency key", registry=r
+        )
+        self.delivered = Counter(
+            "apix_events_delivered", "Event frames written to sockets", registry=r
+        )
+        self.slow_consumers = Counter(
+            "apix_slow_consumers", "Connections closed for a full outbox (4009)", registry=r
+        )
+        self.rate_limited = Counter(
+            "apix_rate_limited", "Ops answered rate_limited", registry=r
+        )
+        self.bad_frames = Counter("apix_bad_frames", "Frames answered bad_request", registry=r)
+        self.broker_unavailable = Counter(
+            "apix_broker_unavailable", "Ops answered unavailable", registry=r
+        )
+        self.subscriptions = Gauge("apix_subscriptions", "Live channel subscriptions", registry=r)
+        self.latency = LatencyHistogram()
+        r.register(
+            _HistogramCollector(
+                "apix_publish_deliver_latency_seconds",
+                "Event ts to the socket write that delivered it",
+                self.latency,
+            )
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

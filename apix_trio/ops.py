@@ -1,0 +1,250 @@
+"""Op handlers: one command in, one reply out (plus any pushes).
+
+Each handler returns the reply's `result` dict or raises `OpError`; the
+dispatcher turns both into frames, and turns broker trouble into
+`unavailable` within `broker.operation_timeout`. No handler raises for
+anything a client can send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from apix_trio.auth import AuthError
+from apix_trio.broker.base import BrokerUnavailable
+from apix_trio.ids import BadStreamId, parse_id
+from apix_trio.protocol import frames as f
+from apix_trio.protocol.codec import encode_error, encode_event, encode_ok
+from apix_trio.protocol.codes import CloseCode, ErrorCode
+from apix_trio.subscriptions import ChannelSubscription
+
+if TYPE_CHECKING:
+    from apix_trio.connection import Connection
+
+
+class OpError(Exception):
+    """A failed reply: `code`, a human `message` and extra `error` fields.
+
+    With `close`, the connection is closed with that code after the reply.
+    """
+
+    def __init__(
+        self, code: ErrorCode, message: str, *, close: CloseCode | None = None, **extra: Any
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.close = close
+        self.extra = extra
+
+
+@attrs.frozen
+class Then:
+    """A result plus work to run right after the reply is queued."""
+
+    result: dict[str, Any]
+    after: Callable[[], Awaitable[None]]
+
+
+Handler = Callable[["Connection", Any], Awaitable["dict[str, Any] | Then"]]
+
+
+async def run_command(conn: Connection, command: f.Command) -> None:
+    """Run one command and queue exactly one reply for it.
+
+    Error handling: OpError -> its error reply; BrokerUnavailable or the
+    operation timeout -> `unavailable`; anything else -> `internal`, logged
+    with its traceback (never sent to the client).
+    """
+    handler = HANDLERS.get(type(command))
+    timeout = conn.hub.settings.broker.operation_timeout
+    after = None
+    close = None
+    try:
+        if handler is None:
+            raise OpError(ErrorCode.BAD_REQUEST, f"op {command_name(command)} is not supported")
+        with trio.fail_after(timeout + 1):
+            result = await handler(conn, command)
+        if isinstance(result, Then):
+            result, after = result.result, result.after
+        reply = encode_ok(command.id, result)
+    except OpError as exc:
+        reply = encode_error(command.id, exc.code, exc.message, **exc.extra)
+        close = exc.close
+        if exc.code is ErrorCode.BAD_REQUEST:
+            conn.hub.metrics.bad_frames.inc()
+            close = conn.protocol.note_bad_request()
+    except (BrokerUnavailable, trio.TooSlowError):
+        conn.hub.metrics.broker_unavailable.inc()
+        reply = encode_error(command.id, ErrorCode.UNAVAILABLE, "backend unavailable, retry later")
+    except Exception:
+        conn.log.exception("op_failed", op=command_name(command))
+        reply = encode_error(command.id, ErrorCode.INTERNAL, "internal error")
+    conn.send_text(reply)
+    if close is not None:
+        conn.request_close(close)
+    elif after is not None:
+        await after()
+
+
+def command_name(command: f.Command) -> str:
+    return type(command).__name__.lower()
+
+
+def _require_channel_access(conn: Connection, channel: str, action: str) -> None:
+    assert conn.permissions is not None
+    allowed = (
+        conn.permissions.can_subscribe(channel)
+        if action == "sub"
+        else conn.permissions.can_publish(channel)
+    )
+    if not allowed:
+        conn.log.info("forbidden", channel=channel, action=action)
+        raise OpError(ErrorCode.FORBIDDEN, f"no permission to {action} on {channel}")
+
+
+def _check_since(since: str | None) -> None:
+    if since is not None:
+        try:
+            parse_id(since)
+        except BadStreamId as exc:
+            raise OpError(ErrorCode.BAD_REQUEST, str(exc)) from None
+
+
+async def _auth(conn: Connection, command: f.Auth) -> dict[str, Any]:
+    # Only reached before authentication: ServerProtocol refuses a second auth.
+    try:
+        identity = conn.hub.verifier.verify(command.token, now=conn.hub.wall())
+    except AuthError as exc:
+        conn.hub.metrics.auth_failures.labels(reason=exc.reason).inc()
+        conn.log.info("auth_failed", reason=exc.reason)
+        raise OpError(
+            ErrorCode.UNAUTHENTICATED, str(exc), close=CloseCode.UNAUTHENTICATED
+        ) from None
+    if not conn.authenticate(identity):
+        raise OpError(ErrorCode.LIMIT_EXCEEDED, "the organisation is at its connection limit")
+    conn.log.info("auth_ok", exp=identity.exp)
+    return conn.auth_result()
+
+
+async def _refresh(conn: Connection, command: f.Refresh) -> dict[str, Any]:
+    try:
+        identity = conn.hub.verifier.verify(command.token, now=conn.hub.wall())
+    except AuthError as exc:
+        conn.hub.metrics.auth_failures.labels(reason=exc.reason).inc()
+        raise OpError(ErrorCode.FORBIDDEN, f"refresh rejected: {exc}") from None
+    if identity.org != conn.org or identity.sub != conn.sub:
+        raise OpError(ErrorCode.FORBIDDEN, "refresh token must have the same org and sub")
+    conn.replace_identity(identity)
+    conn.log.info("token_refreshed", exp=identity.exp)
+    return {"exp": identity.exp}
+
+
+async def _subscribe(conn: Connection, command: f.Subscribe) -> dict[str, Any] | Then:
+    if command.group is not None:
+        raise OpError(ErrorCode.BAD_REQUEST, "group subscriptions are not supported yet")
+    if command.presence:
+        raise OpError(ErrorCode.BAD_REQUEST, "presence is not supported yet")
+    channel = command.channel
+    _require_channel_access(conn, channel, "sub")
+    _check_since(command.since)
+    existing = conn.subscriptions.get(channel)
+    if existing is not None:
+        return {"channel": channel, "position": existing.position, "recovered": True, "replayed": 0}
+    if len(conn.subscriptions) >= conn.hub.settings.limits.max_subscriptions:
+        raise OpError(ErrorCode.LIMIT_EXCEEDED, "too many subscriptions on this connection")
+    subscription = ChannelSubscription(conn, channel)
+    conn.subscriptions[channel] = subscription
+    conn.hub.router.add(conn.org, channel, subscription)
+    conn.hub.metrics.subscriptions.inc()
+    try:
+        outcome = await subscription.start(command.since)
+    except BaseException:
+        _drop_subscription(conn, channel)
+        raise
+    conn.log.info("subscribe", channel=channel, since=command.since, replayed=outcome.replayed)
+    result = {
+        "channel": channel,
+        "position": outcome.position,
+        "recovered": outcome.recovered,
+        "replayed": outcome.replayed,
+    }
+    return Then(result, subscription.go_live)
+
+
+def _drop_subscription(conn: Connection, channel: str) -> bool:
+    subscription = conn.subscriptions.pop(channel, None)
+    if subscription is None:
+        return False
+    conn.hub.router.remove(conn.org, channel, subscription)
+    conn.hub.metrics.subscriptions.dec()
+    return True
+
+
+async def _unsubscribe(conn: Connection, command: f.Unsubscribe) -> dict[str, Any]:
+    if command.group is not None:
+        raise OpError(ErrorCode.BAD_REQUEST, "group subscriptions are not supported yet")
+    if _drop_subscription(conn, command.channel):
+        conn.log.info("unsubscribe", channel=command.channel)
+    return {}
+
+
+async def _publish(conn: Connection, command: f.Publish) -> dict[str, Any]:
+    channel = command.channel
+    _require_channel_access(conn, channel, "pub")
+    hub = conn.hub
+    if not hub.namespaces.options(channel).client_publish:
+        raise OpError(ErrorCode.FORBIDDEN, f"clients may not publish on {channel}")
+    published = await hub.broker.publish(
+        conn.org,
+        channel,
+        command.data,
+        sender=conn.sub,
+        key=command.key,
+        retention=hub.namespaces.retention(channel),
+    )
+    if published.duplicate:
+        hub.metrics.duplicates.inc()
+    else:
+        hub.metrics.published.inc()
+    event = published.event
+    return {"id": event.id, "ts": event.ts, "duplicate": published.duplicate}
+
+
+async def _history(conn: Connection, command: f.History) -> dict[str, Any]:
+    channel = command.channel
+    _require_channel_access(conn, channel, "sub")
+    _check_since(command.since)
+    hub = conn.hub
+    retention = hub.namespaces.retention(channel)
+    if command.since is not None:
+        page = await hub.broker.read_after(
+            conn.org, channel, command.since, command.limit, retention
+        )
+    else:
+        page = await hub.broker.read_latest(conn.org, channel, command.limit, retention)
+    return {
+        "events": [encode_event(event) for event in page.events],
+        "position": page.position,
+    }
+
+
+async def _ping(conn: Connection, command: f.Ping) -> dict[str, Any]:
+    return {}
+
+
+HANDLERS: dict[type, Handler] = {
+    f.Auth: _auth,
+    f.Refresh: _refresh,
+    f.Subscribe: _subscribe,
+    f.Unsubscribe: _unsubscribe,
+    f.Publish: _publish,
+    f.History: _history,
+    f.Ping: _ping,
+}
+
+__all__ = ["HANDLERS", "OpError", "Then", "run_command"]

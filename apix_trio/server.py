@@ -1,0 +1,205 @@
+"""`apix-trio serve`: the nursery tree of one node.
+
+```
+serve(settings)
+├── broker (its own nursery: Redis readers and batchers, or nothing)
+├── services nursery
+│   ├── signals          SIGTERM/SIGINT -> graceful shutdown; SIGHUP -> reload keys
+│   ├── key watcher      reloads key files when they change
+│   └── http api         hypercorn: health, readiness, metrics, server API
+└── connections nursery  outlives the accept loop (graceful drain)
+    ├── accept loop      trio.serve_listeners, handler nursery = connections nursery
+    └── one Connection.run per socket (reader, writer, op worker, timers)
+```
+
+Shutdown: stop accepting (readiness turns false, the listeners close), ask
+every connection to close with 1001, give the connections nursery
+`server.shutdown_grace` seconds, then cancel the services. Every publish that
+got an id is already in the broker, so nothing acknowledged is lost.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from apix_trio.auth import KeyStore, Verifier
+from apix_trio.broker.base import Broker
+from apix_trio.gateway import handle_stream
+from apix_trio.httpapi import make_app
+from apix_trio.hub import Hub
+from apix_trio.logs import get_logger
+from apix_trio.protocol.codes import CloseCode
+from apix_trio.settings import Settings
+
+KEY_POLL_INTERVAL = 2.0
+log = get_logger("apix.server")
+
+
+@asynccontextmanager
+async def open_broker(
+    settings: Settings, *, wall_clock: Callable[[], float] = time.time
+) -> AsyncIterator[Broker]:
+    """The broker the settings ask for: Redis when `broker.redis_url` is set."""
+    if settings.broker.redis_url:
+        from apix_trio.broker.redis import open_redis_broker
+
+        async with open_redis_broker(settings) as broker:
+            yield broker
+    else:
+        from apix_trio.broker.memory import open_memory_broker
+
+        async with open_memory_broker(wall_clock=wall_clock) as broker:
+            yield broker
+
+
+@attrs.define
+class RunningServer:
+    """What `serve` reports once it listens; `shutdown()` starts a graceful stop."""
+
+    ws_port: int
+    http_port: int
+    hub: Hub
+    _shutdown: trio.Event
+
+    def shutdown(self) -> None:
+        self._shutdown.set()
+
+
+async def serve(
+    settings: Settings,
+    *,
+    wall_clock: Callable[[], float] = time.time,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one node until `shutdown()` (or SIGTERM/SIGINT with `handle_signals`).
+
+    Resource handling: every listener, connection and broker connection is
+    closed before this returns.
+    """
+    keys = KeyStore(settings.auth)
+    verifier = Verifier(settings.auth, keys)
+    if keys.dev_mode:
+        log.warning(
+            "dev_keys",
+            dev_key_dir=settings.auth.dev_key_dir,
+            message="no auth.public_keys configured: using the development key pair",
+        )
+    if settings.auth.hmac_secret:
+        log.warning("hmac_enabled", message="HS256 tokens are accepted (development only)")
+    shutdown = trio.Event()
+    async with open_broker(settings, wall_clock=wall_clock) as broker:
+        hub = Hub(settings=settings, broker=broker, verifier=verifier, wall_clock=wall_clock)
+        async with trio.open_nursery() as services:
+            if handle_signals:
+                services.start_soon(_watch_signals, shutdown, keys)
+            services.start_soon(_watch_key_files, keys)
+            http_port = await services.start(_serve_http, hub)
+            async with trio.open_nursery() as connections:
+                listeners = await trio.open_tcp_listeners(
+                    settings.server.ws_port, host=settings.server.host
+                )
+                ws_port = listeners[0].socket.getsockname()[1]
+                accept_scope = trio.CancelScope()
+                connections.start_soon(_accept, accept_scope, hub, listeners, connections)
+                log.info(
+                    "listening",
+                    host=settings.server.host,
+                    ws_port=ws_port,
+                    ws_path=settings.server.ws_path,
+                    http_port=http_port,
+                    broker="redis" if settings.broker.redis_url else "memory",
+                    node=settings.server.node_id,
+                    keys=list(keys.kids()),
+                )
+                task_status.started(RunningServer(ws_port, http_port, hub, shutdown))
+                await shutdown.wait()
+                log.info("shutting_down", connections=len(hub.registry))
+                hub.accepting = False
+                accept_scope.cancel()
+                for conn in hub.registry:
+                    conn.request_close(CloseCode.GOING_AWAY)
+                connections.cancel_scope.deadline = (
+                    trio.current_time() + settings.server.shutdown_grace
+                )
+            services.cancel_scope.cancel()
+    log.info("stopped")
+
+
+async def _accept(
+    scope: trio.CancelScope,
+    hub: Hub,
+    listeners: list[trio.SocketListener],
+    handler_nursery: trio.Nursery,
+) -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await handle_stream(hub, stream)
+
+    with scope:
+        await trio.serve_listeners(handler, listeners, handler_nursery=handler_nursery)
+    for listener in listeners:
+        await listener.aclose()
+
+
+async def _serve_http(hub: Hub, *, task_status: trio.TaskStatus[int]) -> None:
+    """Serve the internal HTTP API until cancelled; reports the bound port."""
+    config = HypercornConfig()
+    config.bind = [f"{hub.settings.server.host}:{hub.settings.server.http_port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 1.0
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            functools.partial(hypercorn_serve, make_app(hub), config, mode="asgi")
+        )
+        task_status.started(int(binds[0].rsplit(":", 1)[1]))
+
+
+async def _watch_signals(shutdown: trio.Event, keys: KeyStore) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                _reload_keys(keys, "sighup")
+            elif shutdown.is_set():
+                log.warning("second_signal", signal=signum)
+                raise KeyboardInterrupt  # a second SIGTERM/SIGINT: stop now
+            else:
+                log.info("signal", signal=signal.Signals(signum).name)
+                shutdown.set()
+
+
+def _reload_keys(keys: KeyStore, why: str) -> None:
+    try:
+        keys.reload()
+    except Exception as exc:
+        log.error("keys_reload_failed", why=why, error=str(exc))
+    else:
+        log.info("keys_reloaded", why=why, keys=list(keys.kids()))
+
+
+async def _watch_key_files(keys: KeyStore) -> None:
+    while True:
+        await trio.sleep(KEY_POLL_INTERVAL)
+        if keys.changed():
+            _reload_keys(keys, "file_changed")
+
+
+def run(settings: Settings) -> int:
+    """Run the server in this process until SIGTERM/SIGINT; returns the exit code."""
+    try:
+        trio.run(lambda: serve(settings, handle_signals=True))
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        log.error("cannot_listen", error=str(exc))
+        return 1
+    return 0
