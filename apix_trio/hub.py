@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import attrs
@@ -34,7 +34,8 @@ class ConnectionRegistry:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Connection]:
+        """A snapshot: connections may close while the caller iterates."""
         return iter(list(self._by_id.values()))
 
     def get(self, conn_id: str) -> Connection | None:

@@ -81,7 +81,9 @@ class Metrics:
             "apix_auth_failures", "Failed authentications, by reason", ["reason"], registry=r
         )
         self.handshake_rejections = Counter(
-            "apix_handshake_rejections", "Upgrades rejected, by HTTP status", ["status"],
+            "apix_handshake_rejections",
+            "Upgrades rejected, by HTTP status",
+            ["status"],
             registry=r,
         )
         self.published = Counter("apix_events_published", "Events stored", registry=r)
@@ -94,9 +96,7 @@ class Metrics:
         self.slow_consumers = Counter(
             "apix_slow_consumers", "Connections closed for a full outbox (4009)", registry=r
         )
-        self.rate_limited = Counter(
-            "apix_rate_limited", "Ops answered rate_limited", registry=r
-        )
+        self.rate_limited = Counter("apix_rate_limited", "Ops answered rate_limited", registry=r)
         self.bad_frames = Counter("apix_bad_frames", "Frames answered bad_request", registry=r)
         self.broker_unavailable = Counter(
             "apix_broker_unavailable", "Ops answered unavailable", registry=r

@@ -68,10 +68,12 @@ async def run_command(conn: Connection, command: f.Command) -> None:
         if handler is None:
             raise OpError(ErrorCode.BAD_REQUEST, f"op {command_name(command)} is not supported")
         with trio.fail_after(timeout + 1):
-            result = await handler(conn, command)
-        if isinstance(result, Then):
-            result, after = result.result, result.after
-        reply = encode_ok(command.id, result)
+            outcome = await handler(conn, command)
+        if isinstance(outcome, Then):
+            reply = encode_ok(command.id, outcome.result)
+            after = outcome.after
+        else:
+            reply = encode_ok(command.id, outcome)
     except OpError as exc:
         reply = encode_error(command.id, exc.code, exc.message, **exc.extra)
         close = exc.close

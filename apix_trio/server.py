@@ -159,7 +159,7 @@ async def _serve_http(hub: Hub, *, task_status: trio.TaskStatus[int]) -> None:
     config.graceful_timeout = 1.0
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
-            functools.partial(hypercorn_serve, make_app(hub), config, mode="asgi")
+            functools.partial(hypercorn_serve, make_app(hub), config, mode="asgi")  # type: ignore[arg-type]
         )
         task_status.started(int(binds[0].rsplit(":", 1)[1]))
 

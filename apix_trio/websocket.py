@@ -21,7 +21,7 @@ carrying the close code the caller must send.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -30,6 +30,7 @@ from wsproto.events import (
     AcceptConnection,
     BytesMessage,
     CloseConnection,
+    Event,
     Ping,
     Pong,
     RejectConnection,
@@ -82,7 +83,7 @@ class ServerWebSocket:
         self.on_pong: Callable[[bytes], None] = lambda payload: None
         self._ws = WSConnection(ConnectionType.SERVER)
         self._send_lock = trio.StrictFIFOLock()
-        self._events = iter(())  # type: ignore[var-annotated]
+        self._events: Iterator[Event] = iter(())
         self._parts: list[str] = []
         self._size = 0
         self._broken = False
@@ -104,7 +105,7 @@ class ServerWebSocket:
             if not data:
                 raise HandshakeFailed("connection closed during handshake")
             try:
-                self._ws.receive_data(data)
+                self._ws.receive_data(bytes(data))
                 for event in self._ws.events():
                     if isinstance(event, Request):
                         return event
@@ -191,10 +192,10 @@ class ServerWebSocket:
                 raise PeerClosed(None, "connection lost") from exc
             if not data:
                 raise PeerClosed(None, "end of stream")
-            self._ws.receive_data(data)
+            self._ws.receive_data(bytes(data))
             self._events = iter(list(self._ws.events()))
 
-    async def _handle(self, event: object) -> str | None:
+    async def _handle(self, event: Event) -> str | None:
         if isinstance(event, TextMessage):
             self._size += len(event.data.encode()) if not event.data.isascii() else len(event.data)
             if self._size > self.max_message_bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import orjson
 import pytest
-import trio
 from websockets.exceptions import InvalidStatus
 
 from tests.serverkit import running_server

@@ -26,7 +26,9 @@ class RawClient:
 
     @classmethod
     async def open(cls, url: str, **kwargs: Any) -> RawClient:
-        conn = await trio.to_thread.run_sync(lambda: connect(url, open_timeout=10, legacy=True, **kwargs))
+        conn = await trio.to_thread.run_sync(
+            lambda: connect(url, open_timeout=10, legacy=True, **kwargs)
+        )
         return cls(conn)
 
     async def send(self, frame: dict[str, Any] | str | bytes) -> None:
