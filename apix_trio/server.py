@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -31,7 +32,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from apix_trio.auth import KeyStore, Verifier
+from apix_trio.auth import KeyLoadError, KeyStore, Verifier
 from apix_trio.broker.base import Broker
 from apix_trio.gateway import handle_stream
 from apix_trio.httpapi import make_app
@@ -79,14 +80,18 @@ async def serve(
     *,
     wall_clock: Callable[[], float] = time.time,
     handle_signals: bool = False,
+    keys: KeyStore | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one node until `shutdown()` (or SIGTERM/SIGINT with `handle_signals`).
 
     Resource handling: every listener, connection and broker connection is
     closed before this returns.
+    Error handling: KeyLoadError (unusable key files) is raised before
+    anything listens.
     """
-    keys = KeyStore(settings.auth)
+    if keys is None:
+        keys = KeyStore(settings.auth)
     verifier = Verifier(settings.auth, keys)
     if keys.dev_mode:
         log.warning(
@@ -194,9 +199,18 @@ async def _watch_key_files(keys: KeyStore) -> None:
 
 
 def run(settings: Settings) -> int:
-    """Run the server in this process until SIGTERM/SIGINT; returns the exit code."""
+    """Run the server in this process until SIGTERM/SIGINT; returns the exit code.
+
+    2 when the key files are unusable (like any other configuration
+    problem), 1 when a port cannot be bound, else 0.
+    """
     try:
-        trio.run(lambda: serve(settings, handle_signals=True))
+        keys = KeyStore(settings.auth)
+    except KeyLoadError as exc:
+        print(f"apix-trio: config: auth.public_keys: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(lambda: serve(settings, handle_signals=True, keys=keys))
     except KeyboardInterrupt:
         return 0
     except OSError as exc:
