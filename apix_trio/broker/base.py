@@ -38,8 +38,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import attrs
+
+if TYPE_CHECKING:
+    from apix_trio.broker.groups import ConsumerGroups
+    from apix_trio.broker.sessions import SessionStore
 
 TOMBSTONE_GRACE = 86400.0
 
@@ -139,3 +144,13 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def position(self, org: str, channel: str) -> str:
         """The channel's last id, `"0-0"` when it never had an event."""
+
+    @property
+    def groups(self) -> ConsumerGroups:
+        """Consumer groups on this broker's channel streams."""
+        raise NotImplementedError(f"{type(self).__name__} has no consumer groups yet")
+
+    @property
+    def sessions(self) -> SessionStore:
+        """Session records on this broker's backend."""
+        raise NotImplementedError(f"{type(self).__name__} has no session store yet")
