@@ -2,9 +2,10 @@
 
 Starts a throwaway redis-server (no persistence) on a free port, opens the
 broker, and runs N concurrent publishers for a few seconds; prints
-publishes/s, batch sizes and the bus delivery count.
+publishes/s, publish latency, batch sizes, this process's CPU use and how
+many events the bus reader delivered (the same process also does fan-out).
 
-    python scripts/bench_redis_publish.py [--publishers 200] [--seconds 5]
+    PYTHONPATH=. python scripts/bench_redis_publish.py [--publishers 200] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -56,19 +57,22 @@ async def bench(url: str, publishers: int, seconds: float, workers: int, channel
                 published += 1
 
         started = time.perf_counter()
+        cpu = time.process_time()
         async with trio.open_nursery() as nursery:
             for n in range(publishers):
                 nursery.start_soon(publisher, n)
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
         await trio.sleep(0.5)
-        stats = broker.statistics()
+        batches = broker.statistics().batches
         latencies.sort()
         p50 = latencies[len(latencies) // 2] * 1000
         p99 = latencies[int(len(latencies) * 0.99)] * 1000
         print(
             f"publishers={publishers} workers={workers}: {published / elapsed:,.0f} publishes/s, "
             f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-            f"mean batch {stats.calls / max(stats.batches, 1):.1f}, "
+            f"mean batch {batches.calls / max(batches.batches, 1):.1f}, "
+            f"python cpu {cpu / elapsed:.0%}, "
             f"delivered {delivered}/{published}"
         )
 

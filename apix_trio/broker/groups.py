@@ -2,7 +2,8 @@
 
 The interface; the embedded implementation lives in `memory_groups.py`, the
 Redis Streams one (XGROUP/XREADGROUP/XCLAIM/XAUTOCLAIM/XACK) in
-`redis_groups.py`. One contract suite runs against both.
+`redis_groups.py`. One contract suite (`tests/test_groups_contract.py`) runs
+against both.
 
 Theory of operation
 -------------------
@@ -12,12 +13,27 @@ published after it exists. Each event is handed to exactly one consumer by
 carries a delivery count (`attempt`, 1 for the first delivery); `claim` moves
 pending events to a consumer and increments it. `release` makes a departing
 consumer's pending events claimable at once by anybody (`claim_idle` with any
-`min_idle`), which is how a member that disconnects hands its work to members
-on other nodes. `claim_idle` is also how a node reclaims the work of a
-consumer on a node that died: events idle for `min_idle` seconds; `touch`
+`min_idle`): they are parked under the consumer name `RELEASED` with an idle
+time of `RELEASED_IDLE`, which is how a member that disconnects hands its work
+to members on other nodes. `claim_idle` is also how a node reclaims the work
+of a consumer on a node that died: events idle for `min_idle` seconds; `touch`
 resets the idle time of events a live node still holds.
 
-Consumer names are `<node_id>:<conn id>`; group names are validated by the
+Reads do not block: every node already sees every event of the channel
+through the broker's fan-out (the router), which is what wakes a group
+reader; a blocking read would need a connection of its own per (group,
+consumer) and could not share the broker's pipelined batches.
+
+Retention applies: a group delivers the events its channel still retains.
+An event trimmed (`history_size`) or expired (`history_ttl`) before it was
+read is never delivered; one trimmed while pending is dropped (acked) by the
+next `claim`/`claim_idle`/`touch` that meets it. (Redis also deletes the
+group itself with an expired stream; `read_new` then recreates it at the
+start of the new stream, which holds only events published after the old
+one expired, so nothing retained is skipped.)
+
+Consumer names are `<node_id>:<conn id>` (they always contain a colon, so
+they never collide with `RELEASED`); group names are validated by the
 protocol layer (`[A-Za-z0-9_\\-:@]{1,64}`) and scoped to (org, channel).
 
 Error handling: every method raises `BrokerUnavailable` for backend trouble.
@@ -29,8 +45,27 @@ import abc
 from collections.abc import Sequence
 
 import attrs
+import orjson
 
 from apix_trio.broker.base import Event, Retention
+from apix_trio.protocol.codec import encode_event
+
+RELEASED = "apix.released"
+"""The consumer that holds released events until somebody claims them."""
+
+RELEASED_IDLE = 10 * 365 * 86400.0
+"""The idle time (seconds) a released event shows: older than any `min_idle`."""
+
+
+def dead_letter_channel(channel: str) -> str:
+    """The channel that receives `channel`'s dead letters (same org)."""
+    return f"{channel}.dlq"
+
+
+def dead_letter_key(group: str, event_id: str) -> str:
+    """The idempotency key of a dead letter: a retried `dead_letter` of the
+    same event for the same group stores nothing new."""
+    return f"dlq:{group}:{event_id}"
 
 
 @attrs.frozen
@@ -47,6 +82,7 @@ class PendingEntry:
     consumer: str
     attempt: int
     idle: float
+    """Seconds since the event was last delivered, claimed or touched."""
 
 
 class ConsumerGroups(abc.ABC):
@@ -58,10 +94,17 @@ class ConsumerGroups(abc.ABC):
 
     @abc.abstractmethod
     async def read_new(
-        self, org: str, channel: str, group: str, consumer: str, count: int, *, wait: float
-    ) -> list[Delivery]:
-        """Up to `count` events never delivered to the group, now pending for
-        `consumer` with attempt 1. Waits up to `wait` seconds when there are none."""
+        self, org: str, channel: str, group: str, wants: Sequence[tuple[str, int]]
+    ) -> list[tuple[str, Delivery]]:
+        """Events never delivered to the group, oldest first, handed out
+        round-robin over `wants` (`(consumer, count)` pairs, in order, each
+        consumer getting at most its count): the first event to the first
+        consumer, the next to the next consumer with room, and so on.
+
+        Each is now pending for its consumer with attempt 1. Returns
+        `(consumer, delivery)` pairs in id order; empty when there is nothing
+        new (it never waits).
+        """
 
     @abc.abstractmethod
     async def claim(
@@ -77,23 +120,30 @@ class ConsumerGroups(abc.ABC):
     async def claim_idle(
         self, org: str, channel: str, group: str, consumer: str, min_idle: float, count: int
     ) -> list[Delivery]:
-        """Claim up to `count` pending events idle for `min_idle` seconds or
-        longer (whoever holds them), incrementing their attempt."""
+        """Claim up to `count` pending events for `consumer`, incrementing
+        their attempt: those idle for `min_idle` seconds or longer, whoever
+        holds them, and released ones (idle longer than any `min_idle`);
+        oldest first. Trimmed ones are acked, not returned."""
 
     @abc.abstractmethod
     async def touch(
         self, org: str, channel: str, group: str, consumer: str, ids: Sequence[str]
-    ) -> None:
-        """Reset the idle time of `ids` held by `consumer` (no attempt change)."""
+    ) -> list[str]:
+        """Reset the idle time of those `ids` still pending for `consumer`
+        (no attempt change) and return them; the others (acked, claimed by
+        somebody else, trimmed) are left alone, and the caller should forget
+        them."""
 
     @abc.abstractmethod
     async def release(self, org: str, channel: str, group: str, consumer: str) -> int:
         """Make every event pending for `consumer` claimable by `claim_idle`
-        at once, remove the consumer; returns how many were released."""
+        at once (held by `RELEASED`, attempt unchanged), remove the consumer;
+        returns how many were released."""
 
     @abc.abstractmethod
     async def ack(self, org: str, channel: str, group: str, ids: Sequence[str]) -> int:
-        """Acknowledge `ids`; returns how many were pending and are now acked."""
+        """Acknowledge `ids` for the whole group (whichever consumer holds
+        them); returns how many were pending and are now acked."""
 
     @abc.abstractmethod
     async def pending(
@@ -110,11 +160,33 @@ class ConsumerGroups(abc.ABC):
         delivery: Delivery,
         retention: Retention,
     ) -> Event:
-        """Atomically publish `{"event", "group", "attempts"}` to the channel
-        `<channel>.dlq` of the same org and ack the event on the group."""
+        """Publish `{"event", "group", "attempts"}` to the channel
+        `dead_letter_channel(channel)` of the same org, then ack the event on
+        the group; returns the dead letter.
+
+        The dead letter is an ordinary event of that channel (stored with
+        `retention`, fanned out to its subscribers), sent `from` the original
+        event's sender, with the idempotency key `dead_letter_key(group, id)`.
+        Publish-then-ack (the DLQ channel may live in another Redis Cluster
+        slot) makes it at-least-once, and the key makes a retry after a
+        failure between the two steps store nothing new within the DLQ
+        channel's `dedupe_window`.
+        """
 
     @abc.abstractmethod
     async def remove_idle_consumers(
         self, org: str, channel: str, group: str, min_idle: float
     ) -> list[str]:
-        """Delete consumers with no pending events, idle `min_idle` s or more."""
+        """Delete consumers with no pending events, idle `min_idle` s or more.
+
+        Harmless for a live consumer: one is created again by the next read
+        or claim that hands it something.
+        """
+
+
+def dead_letter_data(event: Event, group: str, attempts: int) -> str:
+    """The JSON text of a dead letter's data:
+    `{"event": <the original event as delivered>, "group", "attempts"}`."""
+    return orjson.dumps(
+        {"event": encode_event(event), "group": group, "attempts": attempts}
+    ).decode()

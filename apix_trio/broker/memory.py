@@ -65,6 +65,8 @@ from apix_trio.broker.base import (
     Published,
     Retention,
 )
+from apix_trio.broker.memory_groups import MemoryGroups
+from apix_trio.broker.memory_sessions import MemorySessionStore
 
 _SWEEP_BATCH = 32
 """Due heap entries handled per operation (bounds the pause of one call)."""
@@ -177,6 +179,18 @@ class MemoryBroker(Broker):
         self._order = itertools.count()
         self._channel_heap: list[tuple[float, int, _Channel]] = []
         self._key_heap: list[tuple[float, DedupeKey]] = []
+        self._sessions = MemorySessionStore(wall_clock=wall_clock)
+        self._groups = MemoryGroups(self)
+
+    @property
+    def groups(self) -> MemoryGroups:
+        """Consumer groups on this broker's channels (`memory_groups`)."""
+        return self._groups
+
+    @property
+    def sessions(self) -> MemorySessionStore:
+        """Session records, in memory, on the broker's wall clock."""
+        return self._sessions
 
     def set_listener(self, listener: Listener) -> None:
         """Call `listener` for every event published from now on, before the
