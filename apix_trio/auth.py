@@ -471,6 +471,11 @@ class Verifier:
         self._leeway = settings.leeway
 
     @property
+    def keys(self) -> KeyStore:
+        """The key store this verifier reads (rotated in place by reloads)."""
+        return self._keys
+
+    @property
     def hmac_enabled(self) -> bool:
         """True when HS256 tokens are accepted (development only: log it)."""
         return self._hmac_key is not None
