@@ -487,6 +487,7 @@ async def open_client(
     subprotocol: str | None = DEFAULT_SUBPROTOCOL,
     header_auth: bool = False,
     resume: Mapping[str, Any] | None = None,
+    authenticate: bool = True,
     push_buffer: int = DEFAULT_PUSH_BUFFER,
     outbox_size: int = DEFAULT_OUTBOX_SIZE,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -501,6 +502,12 @@ async def open_client(
     `header_auth=True` an `Authorization: Bearer` header and the server's
     `connected` push. `subprotocol=None` offers none. `ssl_context` is for
     `wss://` URLs (default: the system's trust store).
+
+    `authenticate=False` yields the client as soon as the WebSocket is open
+    and leaves first-frame authentication to the caller: an `auth` frame sent
+    with `send_raw` gets its reply through `pushes()`, in order with the
+    events pushed before it (a resume's replay), which is how
+    `apix_trio.reconnect` resumes. `session`, `org`, `sub` then stay empty.
 
     Resource handling: the connection and the client's reader and writer
     tasks live exactly as long as the block; leaving it closes with 1000
@@ -532,7 +539,8 @@ async def open_client(
                 nursery.start_soon(client._read_frames)
                 nursery.start_soon(client._write_frames)
                 try:
-                    await client._authenticate(token, header_auth=header_auth, resume=resume)
+                    if authenticate:
+                        await client._authenticate(token, header_auth=header_auth, resume=resume)
                     yield client
                 finally:
                     with trio.CancelScope(shield=True):

@@ -229,6 +229,7 @@ _RULES: dict[str, _Rule] = {
     "delivery.max_attempts": _int(1),
     "delivery.dedupe_window": _seconds(),
     "delivery.visibility_timeout": _seconds(),
+    "delivery.group_prefetch": _int(1, 10_000),
     "sessions.ttl": _seconds(),
     "presence.ttl": _seconds(),
     "log.level": _choice(LOG_LEVELS),

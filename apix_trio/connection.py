@@ -18,7 +18,8 @@ Theory of operation
 Any task may call `request_close(code)`: it is synchronous, idempotent and
 the first call wins. The nursery body then cancels the work scope (a socket
 write in progress finishes, bounded by the send timeout), sends the close
-frame, waits a moment for the peer's close, and cancels the reader. Cleanup
+frame, waits a moment for the peer's close (unless the socket is dead), and
+cancels the reader. Cleanup
 (router, registry, metrics) is synchronous in `finally`, so a cancelled
 connection leaves nothing behind.
 """
@@ -45,6 +46,8 @@ from apix_trio.wire import text_frame_str
 
 if TYPE_CHECKING:
     from apix_trio.hub import Hub
+    from apix_trio.ids import StreamId
+    from apix_trio.outbox import SentTracker
 
 OP_QUEUE = 64
 CLOSE_WAIT = 2.0
@@ -104,11 +107,9 @@ class Connection:
         assert self.identity is not None
         return self.identity.sub
 
-    def authenticate(self, identity: Identity) -> bool:
-        """Adopt `identity`; False when the org is at its connection cap."""
-        limit = self.hub.settings.limits.max_connections_per_org
-        if not self.hub.registry.try_join_org(identity.org, limit):
-            return False
+    def authenticate(self, identity: Identity) -> None:
+        """Adopt `identity` (the caller has taken its connection slot)."""
+        self.hub.registry.try_join_org(identity.org, 0)
         self._joined_org = True
         self.identity = identity
         self.permissions = Permissions.from_identity(identity)
@@ -117,7 +118,7 @@ class Connection:
         self.log = self.log.bind(org=identity.org, sub=identity.sub)
         self._authenticated.set()
         self._restart_token_timers()
-        return True
+        self.hub.sessions.opened(self)
 
     def replace_identity(self, identity: Identity) -> None:
         """After a successful `refresh`: new claims and expiry, same org/sub."""
@@ -144,8 +145,15 @@ class Connection:
         if not self.outbox.put_nowait(text_frame_str(text)):
             self._slow_consumer()
 
-    def enqueue_event(self, frame: bytes, ts: int) -> None:
-        if not self.outbox.put_nowait(frame, ts):
+    def enqueue_event(
+        self,
+        frame: bytes,
+        ts: int,
+        tracker: SentTracker | None = None,
+        event_id: StreamId | None = None,
+    ) -> None:
+        """Queue an event frame; `tracker.sent_id` becomes `event_id` once written."""
+        if not self.outbox.put_nowait(frame, ts, tracker, event_id):
             self._slow_consumer()
 
     def _slow_consumer(self) -> None:
@@ -198,10 +206,8 @@ class Connection:
         self.log.info("connect")
         try:
             if header_identity is not None:
-                if self.authenticate(header_identity):
-                    self.send_text(encode_push("connected", **self.auth_result()))
-                else:
-                    self.request_close(CloseCode.POLICY_VIOLATION, "connection limit reached")
+                self.authenticate(header_identity)
+                self.send_text(encode_push("connected", **self.auth_result()))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_loop)
                 work = trio.CancelScope()
@@ -211,27 +217,31 @@ class Connection:
                     with trio.move_on_after(FLUSH_WAIT):
                         await self.outbox.wait_empty()
                 work.cancel()
-                await self._send_close()
-                with trio.move_on_after(CLOSE_WAIT):
-                    await self._reader_done.wait()
+                if await self._send_close():
+                    with trio.move_on_after(CLOSE_WAIT):
+                        await self._reader_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
             self._cleanup()
             await self.ws.aclose()
 
-    async def _send_close(self) -> None:
+    async def _send_close(self) -> bool:
+        """Send our close frame; False when the socket is dead (no reply can come)."""
         code = self.close_code or CloseCode.NORMAL
         try:
             await self.ws.send_close(code, self.close_reason)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            return False
+        return True
 
     def _cleanup(self) -> None:
         hub = self.hub
+        hub.sessions.closed(self)  # before the subscriptions go: the final record
         for subscription in self.subscriptions.values():
             hub.router.remove(self.org, subscription.channel, subscription)
         hub.metrics.subscriptions.dec(len(self.subscriptions))
         self.subscriptions.clear()
+        hub.groups.leave_all(self)  # unacked group events go to the other members
         self.outbox.close()
         self._ops_send.close()
         self._ops_recv.close()
@@ -239,6 +249,7 @@ class Connection:
             hub.registry.leave_org(self.identity.org)
             self._joined_org = False
         hub.registry.discard(self)
+        hub.slots.release(self.id)
         hub.metrics.connections.dec()
         code = self.close_code if self.close_code is not None else 1006
         hub.metrics.closes.labels(code=str(code)).inc()
@@ -335,6 +346,8 @@ class Connection:
                     if item.event_ts is not None:
                         latency.observe(now_ms - item.event_ts)
                         events += 1
+                    if item.tracker is not None and item.event_id is not None:
+                        item.tracker.sent_id = item.event_id
                 if events:
                     metrics.delivered.inc(events)
         except (trio.BrokenResourceError, trio.ClosedResourceError):

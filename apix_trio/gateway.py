@@ -13,7 +13,8 @@ import trio
 from wsproto.events import Request
 
 from apix_trio.auth import AuthError, Identity
-from apix_trio.connection import Connection
+from apix_trio.broker.base import BrokerUnavailable
+from apix_trio.connection import Connection, new_connection_id
 from apix_trio.hub import Hub
 from apix_trio.websocket import HandshakeFailed, ServerWebSocket
 
@@ -67,20 +68,28 @@ def check_request(hub: Hub, request: Request) -> tuple[str | None, Identity | No
             hub.metrics.auth_failures.labels(reason=exc.reason).inc()
             hub.log.info("auth_failed", reason=exc.reason, via="header")
             raise Rejected(401, f"invalid token: {exc}") from None
-        if (
-            hub.settings.limits.max_connections_per_org
-            and hub.registry.org_count(identity.org) >= hub.settings.limits.max_connections_per_org
-        ):
-            raise Rejected(429, "the organisation is at its connection limit")
     return subprotocol, identity
 
 
-async def _handshake(hub: Hub, ws: ServerWebSocket) -> tuple[bool, Identity | None]:
-    """Read and answer the upgrade; (True, identity) when the WebSocket opened."""
+async def _handshake(
+    hub: Hub, ws: ServerWebSocket, conn_id: str
+) -> tuple[bool, Identity | None]:
+    """Read and answer the upgrade; (True, identity) when the WebSocket opened.
+
+    With header auth, the org's connection slot is taken before accepting
+    (429 when the org is at its cap, 503 when the backend cannot tell).
+    """
     with trio.move_on_after(HANDSHAKE_TIMEOUT):
         request = await ws.read_request()
         try:
             subprotocol, identity = check_request(hub, request)
+            if identity is not None:
+                try:
+                    acquired = await hub.slots.acquire(identity.org, conn_id)
+                except BrokerUnavailable:
+                    raise Rejected(503, "backend unavailable, retry later") from None
+                if not acquired:
+                    raise Rejected(429, "the organisation is at its connection limit")
         except Rejected as exc:
             hub.metrics.handshake_rejections.labels(status=str(exc.status)).inc()
             await ws.reject(exc.status, exc.message + "\n")
@@ -93,18 +102,21 @@ async def _handshake(hub: Hub, ws: ServerWebSocket) -> tuple[bool, Identity | No
 async def handle_stream(hub: Hub, stream: trio.abc.Stream) -> None:
     """Serve one accepted TCP stream to its end; never raises.
 
-    Resource handling: the stream is closed before this returns.
+    Resource handling: the stream is closed and any connection slot taken
+    for it is released before this returns.
     """
     ws = ServerWebSocket(
         stream, max_message_bytes=hub.settings.limits.max_message_bytes, send_timeout=SEND_TIMEOUT
     )
+    conn_id = new_connection_id()
     try:
-        opened, identity = await _handshake(hub, ws)
+        opened, identity = await _handshake(hub, ws, conn_id)
         if opened:
-            await Connection(hub, ws).run(header_identity=identity)
+            await Connection(hub, ws, conn_id=conn_id).run(header_identity=identity)
     except (HandshakeFailed, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     except Exception:
         hub.log.exception("connection_crashed")
     finally:
+        hub.slots.release(conn_id)
         await ws.aclose()

@@ -14,11 +14,14 @@ import attrs
 
 from apix_trio.auth import Verifier
 from apix_trio.broker.base import Broker
+from apix_trio.groups import GroupManager
 from apix_trio.logs import get_logger
 from apix_trio.metrics import Metrics
 from apix_trio.namespaces import Namespaces
 from apix_trio.router import Router
+from apix_trio.sessions import SessionKeeper
 from apix_trio.settings import Settings
+from apix_trio.slots import ConnectionSlots
 
 if TYPE_CHECKING:
     from apix_trio.connection import Connection
@@ -78,11 +81,24 @@ class Hub:
     wall_clock: Callable[[], float] = time.time
     rng: random.Random = attrs.field(factory=random.Random)
     accepting: bool = True
+    sessions: SessionKeeper = attrs.field(default=None)
+    groups: GroupManager = attrs.field(default=None)
+    slots: ConnectionSlots = attrs.field(default=None)
     log = get_logger("apix.server")
 
     def __attrs_post_init__(self) -> None:
         if self.namespaces is None:
             self.namespaces = Namespaces(self.settings)
+        if self.sessions is None:
+            self.sessions = SessionKeeper.for_broker(self.broker, self.settings.sessions.ttl)
+        if self.groups is None:
+            self.groups = GroupManager(self)
+        if self.slots is None:
+            self.slots = ConnectionSlots(
+                self.broker.leases,
+                self.settings.server.node_id,
+                self.settings.limits.max_connections_per_org,
+            )
         self.broker.set_listener(self.router.dispatch)
 
     def wall(self) -> float:

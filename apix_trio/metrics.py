@@ -102,6 +102,27 @@ class Metrics:
             "apix_broker_unavailable", "Ops answered unavailable", registry=r
         )
         self.subscriptions = Gauge("apix_subscriptions", "Live channel subscriptions", registry=r)
+        self.group_readers = Gauge(
+            "apix_group_readers", "Consumer-group readers (channel, group) on this node", registry=r
+        )
+        self.group_members = Gauge(
+            "apix_group_members", "Consumer-group members on this node", registry=r
+        )
+        self.group_pending = Gauge(
+            "apix_group_pending",
+            "Group events delivered to this node's members and not acked yet",
+            registry=r,
+        )
+        self.group_deliveries = Counter(
+            "apix_group_deliveries", "Group event pushes (first deliveries and retries)", registry=r
+        )
+        self.group_redeliveries = Counter(
+            "apix_group_redeliveries", "Group event pushes with attempt > 1", registry=r
+        )
+        self.group_acks = Counter("apix_group_acks", "Group events acknowledged", registry=r)
+        self.group_dead_letters = Counter(
+            "apix_group_dead_letters", "Group events moved to <channel>.dlq", registry=r
+        )
         self.latency = LatencyHistogram()
         r.register(
             _HistogramCollector(

@@ -16,10 +16,14 @@ import trio
 
 from apix_trio.auth import AuthError
 from apix_trio.broker.base import BrokerUnavailable
+from apix_trio.broker.groups import dead_letter_channel
+from apix_trio.groups import NotAMember
 from apix_trio.ids import BadStreamId, parse_id
 from apix_trio.protocol import frames as f
 from apix_trio.protocol.codec import encode_error, encode_event, encode_ok
 from apix_trio.protocol.codes import CloseCode, ErrorCode
+from apix_trio.protocol.names import is_channel
+from apix_trio.sessions import load_session, resume_session
 from apix_trio.subscriptions import ChannelSubscription
 
 if TYPE_CHECKING:
@@ -50,7 +54,16 @@ class Then:
     after: Callable[[], Awaitable[None]]
 
 
-Handler = Callable[["Connection", Any], Awaitable["dict[str, Any] | Then"]]
+@attrs.frozen
+class Later:
+    """The reply is made by `finish()`, which runs without the op timeout:
+    for work paced by the client's reading rather than by the backend (a
+    resume's catch-up). Its broker calls keep their own timeouts."""
+
+    finish: Callable[[], Awaitable[dict[str, Any] | Then]]
+
+
+Handler = Callable[["Connection", Any], Awaitable["dict[str, Any] | Then | Later"]]
 
 
 async def run_command(conn: Connection, command: f.Command) -> None:
@@ -69,6 +82,8 @@ async def run_command(conn: Connection, command: f.Command) -> None:
             raise OpError(ErrorCode.BAD_REQUEST, f"op {command_name(command)} is not supported")
         with trio.fail_after(timeout + 1):
             outcome = await handler(conn, command)
+        if isinstance(outcome, Later):
+            outcome = await outcome.finish()
         if isinstance(outcome, Then):
             reply = encode_ok(command.id, outcome.result)
             after = outcome.after
@@ -117,7 +132,7 @@ def _check_since(since: str | None) -> None:
             raise OpError(ErrorCode.BAD_REQUEST, str(exc)) from None
 
 
-async def _auth(conn: Connection, command: f.Auth) -> dict[str, Any]:
+async def _auth(conn: Connection, command: f.Auth) -> dict[str, Any] | Later:
     # Only reached before authentication: ServerProtocol refuses a second auth.
     try:
         identity = conn.hub.verifier.verify(command.token, now=conn.hub.wall())
@@ -127,9 +142,14 @@ async def _auth(conn: Connection, command: f.Auth) -> dict[str, Any]:
         raise OpError(
             ErrorCode.UNAUTHENTICATED, str(exc), close=CloseCode.UNAUTHENTICATED
         ) from None
-    if not conn.authenticate(identity):
+    # Loaded before authenticating: `unavailable` leaves the client free to retry.
+    record = await load_session(conn, identity, command.resume)
+    if not await conn.hub.slots.acquire(identity.org, conn.id):
         raise OpError(ErrorCode.LIMIT_EXCEEDED, "the organisation is at its connection limit")
+    conn.authenticate(identity)
     conn.log.info("auth_ok", exp=identity.exp)
+    if record is not None and command.resume is not None:
+        return await resume_session(conn, record, command.resume)
     return conn.auth_result()
 
 
@@ -146,9 +166,9 @@ async def _refresh(conn: Connection, command: f.Refresh) -> dict[str, Any]:
     return {"exp": identity.exp}
 
 
-async def _subscribe(conn: Connection, command: f.Subscribe) -> dict[str, Any] | Then:
+async def _subscribe(conn: Connection, command: f.Subscribe) -> dict[str, Any] | Then | Later:
     if command.group is not None:
-        raise OpError(ErrorCode.BAD_REQUEST, "group subscriptions are not supported yet")
+        return await _subscribe_group(conn, command, command.group)
     if command.presence:
         raise OpError(ErrorCode.BAD_REQUEST, "presence is not supported yet")
     channel = command.channel
@@ -163,19 +183,28 @@ async def _subscribe(conn: Connection, command: f.Subscribe) -> dict[str, Any] |
     conn.subscriptions[channel] = subscription
     conn.hub.router.add(conn.org, channel, subscription)
     conn.hub.metrics.subscriptions.inc()
-    try:
-        outcome = await subscription.start(command.since)
-    except BaseException:
-        _drop_subscription(conn, channel)
-        raise
-    conn.log.info("subscribe", channel=channel, since=command.since, replayed=outcome.replayed)
-    result = {
-        "channel": channel,
-        "position": outcome.position,
-        "recovered": outcome.recovered,
-        "replayed": outcome.replayed,
-    }
-    return Then(result, subscription.go_live)
+
+    async def replay_then_reply() -> Then:
+        try:
+            outcome = await subscription.start(command.since)
+        except BaseException:
+            _drop_subscription(conn, channel)
+            raise
+        conn.log.info("subscribe", channel=channel, since=command.since, replayed=outcome.replayed)
+        await conn.hub.sessions.save_now(conn)
+        result = {
+            "channel": channel,
+            "position": outcome.position,
+            "recovered": outcome.recovered,
+            "replayed": outcome.replayed,
+        }
+        return Then(result, subscription.go_live)
+
+    if command.since is None:
+        return await replay_then_reply()
+    # A replay is paced by the client's reading, not by the backend: it runs
+    # outside the op timeout (each broker read keeps its own).
+    return Later(replay_then_reply)
 
 
 def _drop_subscription(conn: Connection, channel: str) -> bool:
@@ -187,11 +216,39 @@ def _drop_subscription(conn: Connection, channel: str) -> bool:
     return True
 
 
+async def _subscribe_group(conn: Connection, command: f.Subscribe, group: str) -> dict[str, Any]:
+    """Join `group` on the channel (docs/groups.md); a member already gets a no-op."""
+    channel = command.channel
+    _require_channel_access(conn, channel, "sub")
+    if command.since is not None:
+        raise OpError(ErrorCode.BAD_REQUEST, "since cannot be combined with group")
+    if command.presence:
+        raise OpError(ErrorCode.BAD_REQUEST, "presence cannot be combined with group")
+    hub = conn.hub
+    if hub.namespaces.retention(channel).history_size < 1:
+        raise OpError(ErrorCode.BAD_REQUEST, f"{channel} keeps no history, which groups need")
+    if not is_channel(dead_letter_channel(channel)):
+        raise OpError(
+            ErrorCode.BAD_REQUEST, f"{channel} is too long for a group: {channel}.dlq is no channel"
+        )
+    if not hub.groups.is_member(conn, channel, group):
+        limit = hub.settings.limits.max_subscriptions
+        if len(conn.subscriptions) + hub.groups.count(conn) >= limit:
+            raise OpError(ErrorCode.LIMIT_EXCEEDED, "too many subscriptions on this connection")
+        await hub.groups.join(conn, channel, group)
+        await hub.sessions.save_now(conn)
+    position = await hub.broker.position(conn.org, channel)
+    return {"channel": channel, "position": position, "recovered": True, "replayed": 0}
+
+
 async def _unsubscribe(conn: Connection, command: f.Unsubscribe) -> dict[str, Any]:
     if command.group is not None:
-        raise OpError(ErrorCode.BAD_REQUEST, "group subscriptions are not supported yet")
+        if conn.hub.groups.leave(conn, command.channel, command.group):
+            await conn.hub.sessions.save_now(conn)
+        return {}
     if _drop_subscription(conn, command.channel):
         conn.log.info("unsubscribe", channel=command.channel)
+        await conn.hub.sessions.save_now(conn)
     return {}
 
 
@@ -235,6 +292,16 @@ async def _history(conn: Connection, command: f.History) -> dict[str, Any]:
     }
 
 
+async def _ack(conn: Connection, command: f.Ack) -> dict[str, Any]:
+    """Group-wide ack by a member of the group; counts what was pending."""
+    _require_channel_access(conn, command.channel, "sub")
+    try:
+        acked = await conn.hub.groups.ack(conn, command.channel, command.group, command.ids)
+    except NotAMember as exc:
+        raise OpError(ErrorCode.NOT_FOUND, str(exc)) from None
+    return {"acked": acked}
+
+
 async def _ping(conn: Connection, command: f.Ping) -> dict[str, Any]:
     return {}
 
@@ -246,7 +313,8 @@ HANDLERS: dict[type, Handler] = {
     f.Unsubscribe: _unsubscribe,
     f.Publish: _publish,
     f.History: _history,
+    f.Ack: _ack,
     f.Ping: _ping,
 }
 
-__all__ = ["HANDLERS", "OpError", "Then", "run_command"]
+__all__ = ["HANDLERS", "Later", "OpError", "Then", "run_command"]

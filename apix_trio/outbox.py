@@ -7,7 +7,9 @@ The router and the op handlers put ready-made frame bytes here with
 frames or `max_bytes` bytes, the put is refused and the caller treats the
 connection as a slow consumer (close 4009). Replays, which may produce far
 more frames than fit, use `wait_room` first, so back-pressure holds them
-instead of tripping the slow-consumer close.
+instead of tripping the slow-consumer close; they wait for room within a
+`share` of the limits (half), so live events of the connection's other
+subscriptions still find the rest free while a long replay runs.
 
 One writer task drains the queue with `get_batch`, which waits for at least
 one frame and then takes every queued frame up to a byte budget, so a burst
@@ -20,9 +22,12 @@ the queue must account bytes as well as items and hand out whole batches.
 from __future__ import annotations
 
 from collections import deque
+from typing import Protocol
 
 import attrs
 import trio
+
+from apix_trio.ids import StreamId
 
 
 @attrs.frozen
@@ -35,12 +40,24 @@ class OutboxStatistics:
     max_bytes: int
 
 
+class SentTracker(Protocol):
+    """Whoever wants to know the last event id written to the socket."""
+
+    sent_id: StreamId
+
+
 @attrs.frozen
 class Queued:
-    """A frame and the publish timestamp (ms) of the event it carries, if any."""
+    """A frame and the publish timestamp (ms) of the event it carries, if any.
+
+    With `tracker`, the writer sets `tracker.sent_id = event_id` once the
+    frame is written (session positions: the last event actually sent).
+    """
 
     frame: bytes
     event_ts: int | None = None
+    tracker: SentTracker | None = None
+    event_id: StreamId | None = None
 
 
 class Outbox:
@@ -61,12 +78,20 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def has_room(self, size: int = 0) -> bool:
-        return len(self._queue) < self.max_items and (
-            self._bytes + size <= self.max_bytes or not self._queue
+    def has_room(self, size: int = 0, *, share: float = 1.0) -> bool:
+        """Whether a frame of `size` bytes fits within `share` of both limits."""
+        max_items = max(1, int(self.max_items * share))
+        return len(self._queue) < max_items and (
+            self._bytes + size <= self.max_bytes * share or not self._queue
         )
 
-    def put_nowait(self, frame: bytes, event_ts: int | None = None) -> bool:
+    def put_nowait(
+        self,
+        frame: bytes,
+        event_ts: int | None = None,
+        tracker: SentTracker | None = None,
+        event_id: StreamId | None = None,
+    ) -> bool:
         """Queue a frame; False (nothing queued) when the outbox is full.
 
         A single frame larger than `max_bytes` is accepted into an empty
@@ -76,7 +101,7 @@ class Outbox:
             return True  # the connection is going away; drop silently
         if not self.has_room(len(frame)):
             return False
-        self._queue.append(Queued(frame, event_ts))
+        self._queue.append(Queued(frame, event_ts, tracker, event_id))
         self._bytes += len(frame)
         if len(self._queue) > self._high_items:
             self._high_items = len(self._queue)
@@ -85,9 +110,9 @@ class Outbox:
         self._readers.unpark()
         return True
 
-    async def wait_room(self, size: int = 0) -> None:
-        """Wait until a frame of `size` bytes would be accepted."""
-        while not self.has_room(size) and not self._closed:
+    async def wait_room(self, size: int = 0, *, share: float = 1.0) -> None:
+        """Wait until a frame of `size` bytes fits within `share` of the limits."""
+        while not self.has_room(size, share=share) and not self._closed:
             await self._room.park()
 
     async def get_batch(self, max_bytes: int = 256 * 1024) -> list[Queued]:

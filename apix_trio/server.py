@@ -6,15 +6,20 @@ serve(settings)
 ├── services nursery
 │   ├── signals          SIGTERM/SIGINT -> graceful shutdown; SIGHUP -> reload keys
 │   ├── key watcher      reloads key files when they change
+│   ├── session keeper   session records: periodic and final writes (sessions.py)
+│   ├── group manager    one reader per (org, channel, group) with local members
+│   │                    (groups.py, group_reader.py); releases their events on exit
 │   └── http api         hypercorn: health, readiness, metrics, server API
 └── connections nursery  outlives the accept loop (graceful drain)
     ├── accept loop      trio.serve_listeners, handler nursery = connections nursery
     └── one Connection.run per socket (reader, writer, op worker, timers)
 ```
 
-Shutdown: stop accepting (readiness turns false, the listeners close), ask
-every connection to close with 1001, give the connections nursery
-`server.shutdown_grace` seconds, then cancel the services. Every publish that
+Shutdown: stop accepting (readiness turns false, the listeners close), write
+every session record (a client told 1001 resumes on another node at once),
+ask every connection to close with 1001, give the connections nursery
+`server.shutdown_grace` seconds, write the connections' final session
+records (within the same grace), then cancel the services. Every publish that
 got an id is already in the broker, so nothing acknowledged is lost.
 """
 
@@ -106,9 +111,12 @@ async def serve(
         hub = Hub(settings=settings, broker=broker, verifier=verifier, wall_clock=wall_clock)
         async with trio.open_nursery() as services:
             if handle_signals:
-                services.start_soon(_watch_signals, shutdown, keys)
+                services.start_soon(_watch_signals, shutdown, keys, hub)
             services.start_soon(_watch_key_files, keys)
             http_port = await services.start(_serve_http, hub)
+            await services.start(hub.sessions.serve)
+            await services.start(hub.groups.run)
+            await services.start(hub.slots.run)
             async with trio.open_nursery() as connections:
                 listeners = await trio.open_tcp_listeners(
                     settings.server.ws_port, host=settings.server.host
@@ -131,11 +139,18 @@ async def serve(
                 log.info("shutting_down", connections=len(hub.registry))
                 hub.accepting = False
                 accept_scope.cancel()
+                deadline = trio.current_time() + settings.server.shutdown_grace
+                # Sessions first: a client told 1001 resumes elsewhere at once.
+                with trio.move_on_after(settings.server.shutdown_grace / 4):
+                    await hub.sessions.flush()
                 for conn in hub.registry:
                     conn.request_close(CloseCode.GOING_AWAY)
-                connections.cancel_scope.deadline = (
-                    trio.current_time() + settings.server.shutdown_grace
-                )
+                    # A write to a peer that stopped reading is shielded;
+                    # only its own deadline can end it within the grace.
+                    conn.ws.set_deadline(deadline)
+                connections.cancel_scope.deadline = deadline
+            with trio.move_on_at(deadline):
+                await hub.sessions.flush()  # the final records of the closed connections
             services.cancel_scope.cancel()
     log.info("stopped")
 
@@ -169,13 +184,16 @@ async def _serve_http(hub: Hub, *, task_status: trio.TaskStatus[int]) -> None:
         task_status.started(int(binds[0].rsplit(":", 1)[1]))
 
 
-async def _watch_signals(shutdown: trio.Event, keys: KeyStore) -> None:
+async def _watch_signals(shutdown: trio.Event, keys: KeyStore, hub: Hub) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
                 _reload_keys(keys, "sighup")
             elif shutdown.is_set():
                 log.warning("second_signal", signal=signum)
+                now = trio.current_time()
+                for conn in hub.registry:
+                    conn.ws.set_deadline(now)  # cut shielded writes to stalled peers
                 raise KeyboardInterrupt  # a second SIGTERM/SIGINT: stop now
             else:
                 log.info("signal", signal=signal.Signals(signum).name)
@@ -209,11 +227,19 @@ def run(settings: Settings) -> int:
     except KeyLoadError as exc:
         print(f"apix-trio: config: auth.public_keys: {exc}", file=sys.stderr)
         return 2
+    status = 0
+    # Errors raised inside serve's nurseries arrive in exception groups.
     try:
         trio.run(lambda: serve(settings, handle_signals=True, keys=keys))
-    except KeyboardInterrupt:
-        return 0
-    except OSError as exc:
-        log.error("cannot_listen", error=str(exc))
-        return 1
-    return 0
+    except* KeyboardInterrupt:
+        pass  # a second SIGTERM/SIGINT (or one before the handlers are installed)
+    except* OSError as group:
+        log.error("cannot_listen", error=str(_first_leaf(group)))
+        status = 1
+    return status
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

@@ -77,6 +77,8 @@ class DeliverySettings:
     max_attempts: int = 5
     dedupe_window: float = 600.0
     visibility_timeout: float = 30.0
+    # Added: unacked group events a member holds at once (its in-flight window).
+    group_prefetch: int = 32
 
 
 @attrs.frozen

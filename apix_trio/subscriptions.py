@@ -17,6 +17,16 @@ channel arrive from the broker in order, which is what makes it free of gaps.
 If the parked list grows past `PENDING_LIMIT` during a long replay it is
 dropped and the replay reads more pages instead: every parked event is also
 in the channel's history, because the broker stores before it fans out.
+
+Replayed and parked frames wait for room within `REPLAY_SHARE` of the outbox
+limits, leaving the rest for live events of the connection's other channels
+(a resume restores several channels one after the other, and the first ones
+may be live while a later one replays).
+
+`sent_id` is the session position (`apix_trio.sessions`): the id of the last
+event of this channel the writer put on the socket, or where the subscription
+started (`since`, else `position`) before it sent any. Every event frame
+carries this subscription as its outbox `tracker`.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ if TYPE_CHECKING:
 
 REPLAY_PAGE = 500
 PENDING_LIMIT = 10_000
+REPLAY_SHARE = 0.5
 
 
 @attrs.frozen
@@ -51,6 +62,7 @@ class ChannelSubscription:
         self.conn = conn
         self.channel = channel
         self.last_id: StreamId = ZERO
+        self.sent_id: StreamId = ZERO
         self.live = False
         self._pending: list[tuple[StreamId, Event, bytes]] = []
         self._overflowed = False
@@ -70,7 +82,7 @@ class ChannelSubscription:
         if event_id <= self.last_id:
             return
         self.last_id = event_id
-        self.conn.enqueue_event(frame, event.ts)
+        self.conn.enqueue_event(frame, event.ts, self, event_id)
 
     async def start(self, since: str | None) -> ReplayOutcome:
         """Read the position (no `since`) or replay history after `since`.
@@ -80,9 +92,9 @@ class ChannelSubscription:
         """
         if since is None:
             position = await self.conn.hub.broker.position(self.conn.org, self.channel)
-            self.last_id = parse_id(position)
+            self.last_id = self.sent_id = parse_id(position)
             return ReplayOutcome(position, True, 0)
-        self.last_id = parse_id(since)
+        self.last_id = self.sent_id = parse_id(since)
         return await self._catch_up()
 
     async def _catch_up(self) -> ReplayOutcome:
@@ -103,9 +115,9 @@ class ChannelSubscription:
                 if event_id <= self.last_id:
                     continue
                 frame = text_frame_str(encode_event_push(self.channel, event))
-                await self.conn.outbox.wait_room(len(frame))
+                await self.conn.outbox.wait_room(len(frame), share=REPLAY_SHARE)
                 self.last_id = event_id
-                self.conn.enqueue_event(frame, event.ts)
+                self.conn.enqueue_event(frame, event.ts, self, event_id)
                 replayed += 1
             if len(page.events) < REPLAY_PAGE and not self._overflowed:
                 return ReplayOutcome(page.position, bool(recovered), replayed)
@@ -117,9 +129,9 @@ class ChannelSubscription:
             for event_id, event, frame in parked:
                 if event_id <= self.last_id:
                     continue
-                await self.conn.outbox.wait_room(len(frame))
+                await self.conn.outbox.wait_room(len(frame), share=REPLAY_SHARE)
                 self.last_id = event_id
-                self.conn.enqueue_event(frame, event.ts)
+                self.conn.enqueue_event(frame, event.ts, self, event_id)
             if self._overflowed:
                 await self._catch_up()
             elif not self._pending:

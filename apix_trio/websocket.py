@@ -11,7 +11,11 @@ through one lock and runs shielded under its own deadline (`send_timeout`):
 a write is never cut in half by cancellation (which would corrupt the
 framing), and a peer that stops reading cannot hold a write forever. A write
 that misses its deadline marks the socket broken and raises
-`trio.BrokenResourceError`.
+`trio.BrokenResourceError`; so does every later write, including one that
+was already waiting for the lock. `set_deadline` caps the deadline of the
+write in flight and of every later one (graceful shutdown: nothing may
+outlive the grace period, not even a shielded write to a peer that stopped
+reading).
 
 `next_message` is the only reader. It answers pings itself, reports pongs
 through `on_pong`, reassembles fragmented text messages up to
@@ -21,6 +25,7 @@ carrying the close code the caller must send.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import trio
@@ -87,6 +92,8 @@ class ServerWebSocket:
         self._parts: list[str] = []
         self._size = 0
         self._broken = False
+        self._deadline = math.inf
+        self._write_scope: trio.CancelScope | None = None
         self.close_sent = False
 
     # -- handshake -----------------------------------------------------------
@@ -149,12 +156,30 @@ class ServerWebSocket:
         if self._broken:
             raise trio.BrokenResourceError("socket write timed out earlier")
         async with self._send_lock:
-            with trio.move_on_after(self.send_timeout) as scope:
+            # The write we queued behind may have timed out meanwhile: do not
+            # wait out a second send_timeout on the same dead peer.
+            if self._broken:
+                raise trio.BrokenResourceError("socket write timed out earlier")
+            deadline = min(trio.current_time() + self.send_timeout, self._deadline)
+            with trio.move_on_at(deadline) as scope:
                 scope.shield = True
-                await self.stream.send_all(data)
+                self._write_scope = scope
+                try:
+                    await self.stream.send_all(data)
+                finally:
+                    self._write_scope = None
             if scope.cancelled_caught:
                 self._broken = True
                 raise trio.BrokenResourceError("peer did not take data in time")
+
+    def set_deadline(self, deadline: float) -> None:
+        """No write may run past `deadline` (trio time), the one in flight included.
+
+        A write cut short by it breaks the socket like a send timeout does.
+        """
+        self._deadline = min(self._deadline, deadline)
+        if self._write_scope is not None:
+            self._write_scope.deadline = min(self._write_scope.deadline, deadline)
 
     async def send_raw_frames(self, data: bytes) -> None:
         """Write ready-made data frames (from `apix_trio.wire`)."""
@@ -193,7 +218,9 @@ class ServerWebSocket:
             if not data:
                 raise PeerClosed(None, "end of stream")
             self._ws.receive_data(bytes(data))
-            self._events = iter(list(self._ws.events()))
+            # Lazily: wsproto updates its state frame by frame, so pings before
+            # a close frame in the same read are still answered (RFC 6455 5.5.2).
+            self._events = self._ws.events()
 
     async def _handle(self, event: Event) -> str | None:
         if isinstance(event, TextMessage):

@@ -73,6 +73,7 @@ async def memory_hub(tmp_path: Path, **sections: Any) -> AsyncIterator[MemHub]:
             wall_clock=fake_wall,
         )
         async with trio.open_nursery() as nursery:
+            await nursery.start(hub.groups.run)  # consumer-group delivery
             yield MemHub(hub, Path(private), nursery)
             nursery.cancel_scope.cancel()
 

@@ -274,7 +274,7 @@ async def test_rate_limit_reply_carries_retry_after(tmp_path):
 async def test_later_issue_ops_answer_bad_request_not_crash(tmp_path):
     async with running_server(tmp_path) as kit:
         client = await authed(kit)
-        reply = await client.call("subscribe", channel="jobs.a", group="workers")
+        reply = await client.call("subscribe", channel="jobs.a", group="workers", since="0")
         assert reply["error"]["code"] == "bad_request"
         assert (await client.call("ping"))["ok"]
         await client.close()

@@ -44,6 +44,7 @@ import attrs
 
 if TYPE_CHECKING:
     from apix_trio.broker.groups import ConsumerGroups
+    from apix_trio.broker.leases import ConnectionLeases
     from apix_trio.broker.sessions import SessionStore
 
 TOMBSTONE_GRACE = 86400.0
@@ -149,6 +150,11 @@ class Broker(abc.ABC):
     def groups(self) -> ConsumerGroups:
         """Consumer groups on this broker's channel streams."""
         raise NotImplementedError(f"{type(self).__name__} has no consumer groups yet")
+
+    @property
+    def leases(self) -> ConnectionLeases:
+        """Connection leases for the cluster-wide per-org connection cap."""
+        raise NotImplementedError(f"{type(self).__name__} has no connection leases")
 
     @property
     def sessions(self) -> SessionStore:

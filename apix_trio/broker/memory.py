@@ -65,6 +65,7 @@ from apix_trio.broker.base import (
     Published,
     Retention,
 )
+from apix_trio.broker.leases import MemoryLeases
 from apix_trio.broker.memory_groups import MemoryGroups
 from apix_trio.broker.memory_sessions import MemorySessionStore
 
@@ -181,11 +182,17 @@ class MemoryBroker(Broker):
         self._key_heap: list[tuple[float, DedupeKey]] = []
         self._sessions = MemorySessionStore(wall_clock=wall_clock)
         self._groups = MemoryGroups(self)
+        self._leases = MemoryLeases(wall_clock)
 
     @property
     def groups(self) -> MemoryGroups:
         """Consumer groups on this broker's channels (`memory_groups`)."""
         return self._groups
+
+    @property
+    def leases(self) -> MemoryLeases:
+        """Connection leases for the per-org cap, in memory."""
+        return self._leases
 
     @property
     def sessions(self) -> MemorySessionStore:

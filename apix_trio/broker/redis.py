@@ -56,6 +56,7 @@ from apix_trio.broker.redis_batch import BatchStatistics, ScriptBatcher
 from apix_trio.broker.redis_bus import BusReader, BusStatistics
 from apix_trio.broker.redis_groups import RedisGroups
 from apix_trio.broker.redis_keys import KeyLayout, escape
+from apix_trio.broker.redis_leases import RedisLeases
 from apix_trio.broker.redis_scripts import PUBLISH, READ
 from apix_trio.broker.redis_sessions import RedisSessionStore
 from apix_trio.broker.redis_support import BACKEND_ERRORS, RedisTuning, cross
@@ -125,6 +126,11 @@ class RedisBroker(Broker):
     def groups(self) -> RedisGroups:
         """Consumer groups on the channel streams (`redis_groups`)."""
         return RedisGroups(self, self._layout)
+
+    @functools.cached_property
+    def leases(self) -> RedisLeases:
+        """Connection leases for the cluster-wide per-org cap (`redis_leases`)."""
+        return RedisLeases(self.scripts, self._layout.prefix)
 
     @property
     def sessions(self) -> RedisSessionStore:
