@@ -136,6 +136,10 @@ class GroupReader:
         self._new = True
         self._claim_now = True
         self._turn = 0
+        # metric deltas, applied once per step (prometheus calls take a lock)
+        self._pending_delta = 0
+        self._deliveries = 0
+        self._redeliveries = 0
         now = trio.current_time()
         self._next_poll = now
         self._next_touch = now + self._visibility / 3
@@ -203,6 +207,7 @@ class GroupReader:
                 await self._wait()
                 try:
                     await self._step()
+                    self._flush_metrics()
                 except Exception as exc:
                     failures += 1
                     if not isinstance(exc, BrokerUnavailable):
@@ -217,6 +222,7 @@ class GroupReader:
             self.hub.metrics.group_readers.dec()
             for flight in list(self._flights.values()):
                 self._drop(flight)
+            self._flush_metrics()
 
     async def _wait(self) -> None:
         if not self._wake.is_set():
@@ -390,9 +396,8 @@ class GroupReader:
         flight = Flight(member, event, attempt)
         self._flights[event.id] = flight
         member.flights[event.id] = flight
-        metrics = self.hub.metrics
-        metrics.group_pending.inc()
-        metrics.group_deliveries.inc()
+        self._pending_delta += 1
+        self._deliveries += 1
         d = self.hub.settings.delivery
         delay = retry_delay(
             attempt, base=d.retry_base, factor=d.retry_factor, cap=d.retry_max, rng=self.hub.rng
@@ -403,7 +408,7 @@ class GroupReader:
         if attempt == 1:
             member.conn.enqueue_event(text_frame_str(text), event.ts)
         else:
-            metrics.group_redeliveries.inc()
+            self._redeliveries += 1
             member.conn.send_text(text)
 
     def _arm(self, flight: Flight, due: float) -> None:
@@ -419,4 +424,16 @@ class GroupReader:
             del self._flights[event_id]
         if flight.member.flights.get(event_id) is flight:
             del flight.member.flights[event_id]
-        self.hub.metrics.group_pending.dec()
+        self._pending_delta -= 1
+
+    def _flush_metrics(self) -> None:
+        metrics = self.hub.metrics
+        if self._pending_delta:
+            metrics.group_pending.inc(self._pending_delta)
+            self._pending_delta = 0
+        if self._deliveries:
+            metrics.group_deliveries.inc(self._deliveries)
+            self._deliveries = 0
+        if self._redeliveries:
+            metrics.group_redeliveries.inc(self._redeliveries)
+            self._redeliveries = 0

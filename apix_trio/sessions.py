@@ -182,6 +182,8 @@ class SessionKeeper:
         tracked = tracked or self._live.get(conn) or _Tracked()
         channels = dict(tracked.carried)
         for subscription in conn.subscriptions.values():
+            if not subscription.positioned:
+                continue  # still reading where it starts: not confirmed yet
             channels[(subscription.channel, None)] = SessionChannel(
                 channel=subscription.channel,
                 position=format_id(subscription.sent_id),

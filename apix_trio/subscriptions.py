@@ -63,6 +63,8 @@ class ChannelSubscription:
         self.channel = channel
         self.last_id: StreamId = ZERO
         self.sent_id: StreamId = ZERO
+        self.positioned = False
+        """True once `sent_id` means something (`start` set the starting point)."""
         self.live = False
         self._pending: list[tuple[StreamId, Event, bytes]] = []
         self._overflowed = False
@@ -93,8 +95,10 @@ class ChannelSubscription:
         if since is None:
             position = await self.conn.hub.broker.position(self.conn.org, self.channel)
             self.last_id = self.sent_id = parse_id(position)
+            self.positioned = True
             return ReplayOutcome(position, True, 0)
         self.last_id = self.sent_id = parse_id(since)
+        self.positioned = True
         return await self._catch_up()
 
     async def _catch_up(self) -> ReplayOutcome:
