@@ -101,6 +101,12 @@ class NodeProcess:
             await self._waiters.setdefault(name, trio.Event()).wait()
         return self.events(name)[0]
 
+    async def wait_log_count(self, name: str, count: int) -> dict[str, Any]:
+        """The `count`-th log line with `event == name`, once it is there."""
+        while len(self.events(name)) < count:
+            await self._waiters.setdefault(name, trio.Event()).wait()
+        return self.events(name)[count - 1]
+
     def _seen(self, line: dict[str, Any]) -> None:
         self.lines.append(line)
         waiter = self._waiters.pop(str(line.get("event")), None)

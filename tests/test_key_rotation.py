@@ -4,6 +4,7 @@ connections stay up."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import trio
 from jwt.algorithms import RSAAlgorithm
 
 from apix_trio.devkeys import generate_keypair, load_private_key, mint_token
+from tests.procs import open_node
 from tests.serverkit import running_server
 from tests.wsclient import RawClient
 
@@ -69,3 +71,34 @@ async def test_new_key_in_jwks_file_is_accepted_without_dropping_connections(tmp
         assert push["event"]["data"] == "rotated"
         for client in (veteran, newcomer):
             await client.close()
+
+
+async def test_sighup_reloads_keys_in_a_real_process(tmp_path):
+    old_key, new_key = tmp_path / "old.key", tmp_path / "new.key"
+    generate_keypair("rsa", old_key, tmp_path / "old.pem")
+    generate_keypair("rsa", new_key, tmp_path / "new.pem")
+    jwks = tmp_path / "keys.jwks"
+    write_jwks(jwks, {"old": old_key})
+
+    def token(key: Path, kid: str, sub: str) -> str:
+        return mint_token(key, org="acme", sub=sub, kid=kid, sub_patterns=(">",), pub=(">",))
+
+    with trio.fail_after(40):
+        async with open_node(
+            tmp_path / "dev", settings={"auth.public_keys": [str(jwks)]}
+        ) as node:
+            veteran = await node.connect(token(old_key, "old", "veteran"))
+            assert (await veteran.call("subscribe", channel="news.x"))["ok"]
+            write_jwks(jwks, {"old": old_key, "new": new_key})
+            node.signal(signal.SIGHUP)
+            reloaded = await node.wait_log("keys_reloaded")
+            assert reloaded["keys"] == ["new", "old"]
+            # A SIGHUP with nothing changed reloads too, and says why.
+            node.signal(signal.SIGHUP)
+            again = await node.wait_log_count("keys_reloaded", 2)
+            assert again["why"] == "sighup"
+            newcomer = await node.connect(token(new_key, "new", "newcomer"))
+            assert (await newcomer.call("publish", channel="news.x", data=1))["ok"]
+            push = await veteran.recv()
+            assert push is not None and push["event"]["data"] == 1
+            assert node.problems() == [] and not node.tracebacks()
