@@ -458,7 +458,7 @@ def _build_namespaces(
             detail = f"got {_show(pattern)}"
         else:
             try:
-                parse_pattern(pattern)  # the matcher's own grammar: loader and matcher agree
+                parse_pattern(pattern, allow_sub=True)  # the matcher's grammar ({sub}: any user)
                 detail = None
             except BadPattern as exc:
                 detail = f"got {_show(pattern)} ({exc})"

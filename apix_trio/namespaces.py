@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from apix_trio.broker.base import Retention
-from apix_trio.permissions import compile_pattern
+from apix_trio.permissions import compile_namespace_pattern
 from apix_trio.settings import ChannelOptions, Settings
 
 _CACHE_LIMIT = 65536
@@ -15,7 +15,9 @@ class Namespaces:
     def __init__(self, settings: Settings) -> None:
         self._defaults = settings.defaults
         self._dedupe_window = settings.delivery.dedupe_window
-        self._rules = [(compile_pattern(ns.pattern), ns.options) for ns in settings.namespaces]
+        self._rules = [
+            (compile_namespace_pattern(ns.pattern), ns.options) for ns in settings.namespaces
+        ]
         self._cache: dict[str, ChannelOptions] = {}
 
     def options(self, channel: str) -> ChannelOptions:

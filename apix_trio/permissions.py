@@ -106,6 +106,13 @@ class Pattern:
         return f"Pattern({self.text!r})"
 
 
+def compile_namespace_pattern(text: str) -> Pattern:
+    """A namespace (or configuration) pattern: `{sub}` there means any one
+    user, so `user.{sub}` names every user's private channel (`user.*`)."""
+    tokens = parse_pattern(text, allow_sub=True)
+    return compile_pattern(".".join("*" if t == SUB_TOKEN else t for t in tokens))
+
+
 def compile_pattern(text: str, *, sub: str | None = None) -> Pattern:
     """Compile a pattern; with `sub`, `{sub}` tokens are bound to it.
 

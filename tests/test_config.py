@@ -437,7 +437,7 @@ def test_namespaces_have_no_env_form() -> None:
         ".".join("a" * 9),
         "a" * 201,
         ">.x",
-        "user.{sub}",  # {sub} only means something in token perms
+        "user.{sub}x",  # {sub} is a whole token or nothing
     ],
 )
 def test_bad_namespace_pattern(tmp_path: Path, pattern: str) -> None:
@@ -577,3 +577,10 @@ def test_mask_url(url: str, masked: str) -> None:
 def test_problem_lines_never_show_secrets() -> None:
     [line] = problems(environ={"APIX_BROKER_REDIS_URL": "http://u:topsecret@h"})
     assert "topsecret" not in line
+
+
+def test_namespace_pattern_may_use_sub_for_any_user(tmp_path):
+    path = tmp_path / "apix.toml"
+    path.write_text('[[namespaces]]\npattern = "user.{sub}"\nhistory_size = 500\n')
+    settings = load_settings(config_path=str(path), environ={}, flags={})
+    assert settings.namespaces[0].pattern == "user.{sub}"

@@ -196,3 +196,14 @@ def test_star_patterns_agree_with_a_token_comparison(tokens: list[str], name: st
         t == "*" or t == n for t, n in zip(tokens, names, strict=False)
     )
     assert compile_pattern(".".join(tokens)).matches(name) == expected
+
+
+def test_namespace_patterns_read_sub_as_any_user():
+    from apix_trio.namespaces import Namespaces
+    from apix_trio.settings import ChannelOptions, Namespace, Settings
+
+    private = ChannelOptions(history_size=500)
+    namespaces = Namespaces(Settings(namespaces=(Namespace("user.{sub}", private),)))
+    assert namespaces.options("user.bob") is private
+    assert namespaces.options("user.alice") is private
+    assert namespaces.options("user.bob.inbox") is not private
