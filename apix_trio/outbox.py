@@ -22,7 +22,7 @@ the queue must account bytes as well as items and hand out whole batches.
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import attrs
 import trio
@@ -46,12 +46,12 @@ class SentTracker(Protocol):
     sent_id: StreamId
 
 
-@attrs.frozen
-class Queued:
+class Queued(NamedTuple):
     """A frame and the publish timestamp (ms) of the event it carries, if any.
 
     With `tracker`, the writer sets `tracker.sent_id = event_id` once the
     frame is written (session positions: the last event actually sent).
+    A NamedTuple: one is built per event per subscriber, on the hot path.
     """
 
     frame: bytes
@@ -99,15 +99,21 @@ class Outbox:
         """
         if self._closed or self._sealed:
             return True  # the connection is going away; drop silently
-        if not self.has_room(len(frame)):
+        queue = self._queue
+        queued = len(queue)
+        size = len(frame)
+        # has_room(size), inlined: this runs once per event per subscriber.
+        if queued >= self.max_items or (self._bytes + size > self.max_bytes and queued):
             return False
-        self._queue.append(Queued(frame, event_ts, tracker, event_id))
-        self._bytes += len(frame)
-        if len(self._queue) > self._high_items:
-            self._high_items = len(self._queue)
+        queue.append(Queued(frame, event_ts, tracker, event_id))
+        self._bytes += size
+        if queued >= self._high_items:
+            self._high_items = queued + 1
         if self._bytes > self._high_bytes:
             self._high_bytes = self._bytes
-        self._readers.unpark()
+        if not queued:
+            # The writer parks only on an empty queue.
+            self._readers.unpark()
         return True
 
     async def wait_room(self, size: int = 0, *, share: float = 1.0) -> None:
