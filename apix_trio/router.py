@@ -20,8 +20,8 @@ import attrs
 
 from apix_trio.broker.base import Event
 from apix_trio.ids import StreamId, parse_id
-from apix_trio.protocol.codec import encode_event_push
-from apix_trio.wire import text_frame_str
+from apix_trio.protocol.codec import encode_event_push_bytes
+from apix_trio.wire import text_frame
 
 
 class Subscriber(Protocol):
@@ -71,7 +71,7 @@ class Router:
         if not bucket:
             return
         self._encoded += 1
-        frame = text_frame_str(encode_event_push(channel, event))
+        frame = text_frame(encode_event_push_bytes(channel, event))
         event_id = parse_id(event.id)
         # A subscriber may unsubscribe itself (slow consumer) while we iterate.
         for subscriber in list(bucket.values()):

@@ -37,8 +37,8 @@ import attrs
 
 from apix_trio.broker.base import Event
 from apix_trio.ids import ZERO, StreamId, format_id, parse_id
-from apix_trio.protocol.codec import encode_event_push
-from apix_trio.wire import text_frame_str
+from apix_trio.protocol.codec import encode_event_push_bytes
+from apix_trio.wire import text_frame
 
 if TYPE_CHECKING:
     from apix_trio.connection import Connection
@@ -118,7 +118,7 @@ class ChannelSubscription:
                 event_id = parse_id(event.id)
                 if event_id <= self.last_id:
                     continue
-                frame = text_frame_str(encode_event_push(self.channel, event))
+                frame = text_frame(encode_event_push_bytes(self.channel, event))
                 await self.conn.outbox.wait_room(len(frame), share=REPLAY_SHARE)
                 self.last_id = event_id
                 self.conn.enqueue_event(frame, event.ts, self, event_id)
