@@ -258,7 +258,7 @@ class Bench:
         self.fanout_ns = [20] if quick else [100, 1000]
         self.windows = [2, 32]
         self.latency_n = self.fanout_ns[-1]
-        self.latency_secs = 2.0 if quick else 6.0
+        self.latency_secs = 2.0 if quick else 5.0
         self.warmup = 0.5 if quick else 0.75
         self.duration = 1.0 if quick else 2.5
         self.idle_conns = 200 if quick else 10_000
@@ -419,14 +419,14 @@ class Bench:
         server = Server(target, self.node_modules, f"rep{rep}")
         try:
             out["connrate"] = self.connrate(server)
-            time.sleep(1.0)
+            time.sleep(0.5)
             out["fanout"] = []
             for n in self.fanout_ns:
                 phases = [f"w{w}" for w in self.windows]
                 if n == self.latency_n:
                     phases.insert(0, f"r5:{self.latency_secs}")
                 out["fanout"].extend(self.fanout(server, n, phases))
-                time.sleep(1.0)
+                time.sleep(0.5)
         finally:
             server.stop()
         server = Server(target, self.node_modules, f"rep{rep}-idle")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -88,20 +89,41 @@ def pinning(cpus: list[int]) -> dict[str, list[str]]:
     return {"node": on(node), "redis": on(redis), "loadgen": on(loadgen)}
 
 
+@dataclasses.dataclass
+class Node:
+    process: subprocess.Popen[bytes]
+    ws_port: int
+    log: Path
+
+    def problems(self) -> list[str]:
+        """Error lines, tracebacks and slow-consumer closes in the node's log."""
+        return [
+            line
+            for line in self.log.read_text().splitlines()
+            if '"level":"error"' in line or "Traceback" in line or '"code":4009' in line
+        ]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
 class Stack:
-    """redis-server + one apix-trio node + the compiled load generator."""
+    """redis-server, apix-trio nodes and the compiled load generator."""
 
     def __init__(self, workdir: Path, pins: dict[str, list[str]]) -> None:
         self.workdir = workdir
         self.pins = pins
         self.processes: list[subprocess.Popen[bytes]] = []
         self.redis_port = free_port()
-        self.ws_port = 0
-        self.node: subprocess.Popen[bytes] | None = None
         self.redis: subprocess.Popen[bytes] | None = None
         self.loadgen = workdir / "rpgen"
         self.token = ""
-        self.node_log = workdir / "node.log"
 
     def build_loadgen(self) -> None:
         source = self.workdir / "rpgen.c"
@@ -132,7 +154,8 @@ class Stack:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.02)
 
-    def start_node(self) -> None:
+    def start_node(self, name: str, *, redis: bool = True) -> Node:
+        """One `apix-trio serve` on free ports: the Redis broker, or the embedded one."""
         key_dir = self.workdir / "keys"
         private, _, _ = ensure_dev_keys(key_dir)
         self.token = mint_token(
@@ -142,8 +165,7 @@ class Stack:
         env.update(
             APIX_SERVER_WS_PORT="0",
             APIX_SERVER_HTTP_PORT="0",
-            APIX_SERVER_NODE_ID="bench-node",
-            APIX_BROKER_REDIS_URL=f"redis://127.0.0.1:{self.redis_port}/0",
+            APIX_SERVER_NODE_ID=name,
             APIX_AUTH_DEV_KEY_DIR=str(key_dir),
             APIX_LIMITS_OPS_PER_SECOND="1000000000",
             APIX_LIMITS_MAX_SUBSCRIPTIONS="1000",
@@ -151,9 +173,11 @@ class Stack:
             APIX_LOG_FORMAT="json",
             PYTHONPATH=str(REPO),
         )
-        self.node_log = self.workdir / "node.log"
-        with self.node_log.open("wb") as log:
-            self.node = subprocess.Popen(
+        if redis:
+            env["APIX_BROKER_REDIS_URL"] = f"redis://127.0.0.1:{self.redis_port}/0"
+        log_path = self.workdir / f"{name}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
                 [*self.pins["node"], sys.executable, "-m", "apix_trio", "serve"],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -161,24 +185,15 @@ class Stack:
                 env=env,
                 cwd=str(REPO),
             )
-        self.processes.append(self.node)
+        self.processes.append(process)
         deadline = time.monotonic() + START_TIMEOUT
-        while not self.ws_port:
-            if self.node.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the node did not start:\n{self.node_log.read_text()[-3000:]}")
-            for line in self.node_log.read_text().splitlines():
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start:\n{log_path.read_text()[-3000:]}")
+            for line in log_path.read_text().splitlines():
                 if '"listening"' in line:
-                    self.ws_port = int(json.loads(line)["ws_port"])
+                    return Node(process, int(json.loads(line)["ws_port"]), log_path)
             time.sleep(0.05)
-
-    def node_problems(self) -> list[str]:
-        """Error lines and tracebacks in the node's log (closes for slow consumers too)."""
-        text = self.node_log.read_text()
-        return [
-            line
-            for line in text.splitlines()
-            if '"level":"error"' in line or "Traceback" in line or '"code":4009' in line
-        ]
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -206,17 +221,19 @@ class Stack:
                 info[name] = value
         return info
 
-    def run_loadgen(self, *, warmup: float, duration: float, **options: Any) -> dict[str, Any]:
-        assert self.node is not None and self.redis is not None
+    def run_loadgen(
+        self, node: Node, *, warmup: float, duration: float, **options: Any
+    ) -> dict[str, Any]:
+        assert self.redis is not None
         args = [
             *self.pins["loadgen"],
             str(self.loadgen),
-            "--port", str(self.ws_port),
+            "--port", str(node.ws_port),
             "--token", self.token,
             "--warmup", str(warmup),
             "--duration", str(duration),
             "--timeout", str(warmup + duration + RUN_MARGIN),
-            "--server-pid", str(self.node.pid),
+            "--server-pid", str(node.process.pid),
             "--redis-pid", str(self.redis.pid),
         ]  # fmt: skip
         for name, value in options.items():
@@ -552,6 +569,42 @@ def profiler(pid: int, seconds: float, out: Path) -> Iterator[subprocess.Popen[b
             spy.wait()
 
 
+def calibration() -> dict[str, float]:
+    """Microseconds for a few operations, to compare this machine with others."""
+
+    def timed(fn: Any, n: int) -> float:
+        start = time.perf_counter()
+        fn(n)
+        return round(1e6 * (time.perf_counter() - start) / n, 2)
+
+    def sums(n: int) -> None:
+        for _ in range(n):
+            sum(range(1000))
+
+    def trio_ops(n: int) -> dict[str, float]:
+        import trio
+
+        async def run() -> dict[str, float]:
+            start = time.perf_counter()
+            for _ in range(n):
+                await trio.lowlevel.checkpoint()
+            checkpoint = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(n):
+                with trio.move_on_after(5):  # noqa: ASYNC100 (entering and leaving is timed)
+                    pass
+            scope = time.perf_counter() - start
+            return {
+                "trio_checkpoint_us": round(1e6 * checkpoint / n, 2),
+                "trio_move_on_after_us": round(1e6 * scope / n, 2),
+            }
+
+        result: dict[str, float] = trio.run(run)
+        return result
+
+    return {"sum_range_1000_us": timed(sums, 20_000), **trio_ops(20_000)}
+
+
 def wait_for_quiet(limit: float, threshold: float) -> None:
     """Wait (at most `limit` s) for other work on the machine to die down."""
     deadline = time.monotonic() + limit
@@ -609,28 +662,46 @@ def main() -> int:
     try:
         stack.build_loadgen()
         stack.start_redis()
-        stack.start_node()
-        assert stack.node is not None
+        node = stack.start_node("bench-redis")
+        report["calibration"] = calibration()
+        print("calibration (this machine's Python and trio speed):", report["calibration"])
 
         print(f"(a) publish throughput, {args.pubs} connections, {args.channels} channels")
         runs = []
         for window in (int(w) for w in args.windows.split(",")):
             before = stack.redis_info("commandstats")
-            run = stack.run_loadgen(pubs=args.pubs, window=window, channels=args.channels, **common)
+            run = stack.run_loadgen(
+                node, pubs=args.pubs, window=window, channels=args.channels, **common
+            )
             run["redis_evalsha"] = evalsha_delta(before, stack.redis_info("commandstats"))
             runs.append(run)
             print("   ", describe(f"window {window}", run), "| redis", run["redis_evalsha"])
         best = max(runs, key=lambda run: run["publishes_per_s"])
+        load = {"pubs": args.pubs, "window": best["window"], "channels": args.channels}
         report["a_publish"] = {"runs": runs, "max_per_s": best["publishes_per_s"]}
+
+        memory_node = stack.start_node("bench-memory", redis=False)
+        print(f"(a0) the same load (window {best['window']}) on a node with the embedded broker")
+        memory = stack.run_loadgen(memory_node, **load, **common)
+        memory_node.stop()
+        print("   ", describe("embedded broker", memory))
+        cost = {
+            name: round(1e6 * run["cpu"]["server"] / run["publishes_per_s"])
+            for name, run in (("redis", best), ("memory", memory))
+        }
+        print(
+            f"    node CPU per publish: {cost['redis']} us with Redis, {cost['memory']} us"
+            f" embedded: the Redis path adds {cost['redis'] - cost['memory']} us"
+        )
+        report["a0_memory"] = {"run": memory, "node_cpu_us_per_publish": cost}
 
         if not args.no_profile and shutil.which("py-spy"):
             out = workdir / "profile.txt"
-            loadgen_args = {"pubs": args.pubs, "window": best["window"], "channels": args.channels}
             print(f"(a') the same load (window {best['window']}) under py-spy")
-            with profiler(stack.node.pid, args.duration, out) as spy:
+            with profiler(node.process.pid, args.duration, out) as spy:
                 assert spy is not None
                 profiled = stack.run_loadgen(
-                    **loadgen_args, warmup=0.5, duration=args.duration + 1, payload=args.payload
+                    node, **load, warmup=0.5, duration=args.duration + 1, payload=args.payload
                 )
             print("   ", describe("under py-spy", profiled))
             if out.exists():
@@ -644,10 +715,11 @@ def main() -> int:
                 for name, share in summary["top_leaf_frames_pct"][:12]:
                     print(f"      {share:5.1f}%  {name}")
 
-        print("(b) fan-out with Redis in the path, one channel")
+        print("(b) fan-out with Redis in the path, one channel, publishers at full speed")
         fanout = []
         for subs in (int(s) for s in args.fanout_subs.split(",")):
             run = stack.run_loadgen(
+                node,
                 pubs=args.fanout_pubs,
                 window=args.fanout_window,
                 channels=1,
@@ -658,27 +730,35 @@ def main() -> int:
             print("   ", describe(f"{subs} subscribers", run))
         report["b_fanout"] = fanout
 
-        half = best["publishes_per_s"] / 2
-        print(f"(c) latency at half the maximum rate: {half:,.0f} publishes/s")
-        paced = stack.run_loadgen(
-            pubs=args.pubs,
-            window=16,
-            channels=args.channels,
-            subs=args.channels,
-            rate=round(half),
-            **common,
-        )
-        print("   ", describe("paced", paced))
+        print("(c) publish->deliver latency, paced, one subscriber per channel")
+        paced = {}
+        for name, fraction in (("half", 0.5), ("tenth", 0.1)):
+            rate = round(best["publishes_per_s"] * fraction)
+            run = stack.run_loadgen(
+                node,
+                pubs=args.pubs,
+                window=16,
+                channels=args.channels,
+                subs=args.channels,
+                rate=rate,
+                **common,
+            )
+            paced[name] = run
+            print("   ", describe(f"{fraction:g} x max = {rate}/s", run))
         report["c_latency"] = paced
 
         print("(d) for comparison, without the node and its WebSockets")
-        trio_native = run_child(stack, "baseline", args.duration / 2, 200)
-        print("    trio socket + hiredis, pipelined 200 deep, one connection:", trio_native)
-        broker_only = run_child(stack, "broker", args.duration, args.pubs)
-        print("    the RedisBroker alone (trio-asyncio + redis-py), 200 tasks:", broker_only)
-        report["d_comparison"] = {"trio_hiredis": trio_native, "broker_alone": broker_only}
+        native = {
+            depth: run_child(stack, "baseline", args.duration / 2, depth) for depth in (1, 200)
+        }
+        for depth, result in native.items():
+            print(f"    trio socket + hiredis, {depth} in flight:", result)
+        alone = {n: run_child(stack, "broker", args.duration, n) for n in (1, args.pubs)}
+        for n, result in alone.items():
+            print(f"    RedisBroker alone (trio-asyncio + redis-py), {n} publishing tasks:", result)
+        report["d_comparison"] = {"trio_hiredis": native, "broker_alone": alone}
 
-        report["node_problems"] = stack.node_problems()[:20]
+        report["node_problems"] = node.problems()[:20]
         if report["node_problems"]:
             print("node log problems:", *report["node_problems"], sep="\n  ")
     finally:

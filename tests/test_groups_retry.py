@@ -139,8 +139,10 @@ async def test_retry_schedule_is_full_jitter_backoff_then_dead_letter(tmp_path, 
             "attempts": 5,
         }  # fmt: skip
         assert await mem.hub.broker.groups.pending("acme", "jobs", "w") == []
-        assert mem.hub.metrics.group_dead_letters._value.get() == 1
-        assert mem.hub.metrics.group_redeliveries._value.get() == 4
+        sample = mem.hub.metrics.registry.get_sample_value
+        assert sample("apix_group_dead_letters_total") == 1
+        assert sample("apix_group_redeliveries_total") == 4
+        assert sample("apix_group_pending") == 0
         assert mem.hub.groups.statistics().in_flight == 0
         # acking a dead-lettered event counts nothing
         assert await member.ok("ack", channel="jobs", group="w", ids=[event_id]) == {"acked": 0}

@@ -82,6 +82,11 @@ def _ms(seconds: float) -> bytes:
 
 
 def _event(event_id: str, flat: Sequence[str]) -> Event:
+    """An Event from a channel stream entry's fields (the publish script
+    writes `t d f [k]`, in that order: read them in place when they are)."""
+    if len(flat) in (6, 8) and flat[0] == "t" and flat[2] == "d" and flat[4] == "f":
+        key = flat[7] if len(flat) == 8 and flat[6] == "k" else None
+        return Event(id=event_id, ts=int(flat[1]), data=flat[3], sender=flat[5], key=key)
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
     return Event(
         id=event_id, ts=int(fields["t"]), data=fields["d"], sender=fields["f"], key=fields.get("k")
