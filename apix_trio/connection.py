@@ -141,8 +141,8 @@ class Connection:
     # -- outbound --------------------------------------------------------------
 
     def send_text(self, text: str) -> None:
-        """Queue a reply or push; a full outbox closes the connection (4009)."""
-        if not self.outbox.put_nowait(text_frame_str(text)):
+        """Send or queue a reply or push; a full outbox closes the connection (4009)."""
+        if not self._deliver(text_frame_str(text), None, None, None):
             self._slow_consumer()
 
     def enqueue_event(
@@ -152,9 +152,35 @@ class Connection:
         tracker: SentTracker | None = None,
         event_id: StreamId | None = None,
     ) -> None:
-        """Queue an event frame; `tracker.sent_id` becomes `event_id` once written."""
-        if not self.outbox.put_nowait(frame, ts, tracker, event_id):
+        """Send or queue an event frame; `tracker.sent_id` becomes `event_id`
+        once written."""
+        if not self._deliver(frame, ts, tracker, event_id):
             self._slow_consumer()
+
+    def _deliver(
+        self,
+        frame: bytes,
+        ts: int | None,
+        tracker: SentTracker | None,
+        event_id: StreamId | None,
+    ) -> bool:
+        """Write the frame at once when nothing is queued and the socket takes
+        it (no task switch, no lock: the common case for a reader that keeps
+        up), else queue it (the rest of it, after a partial write) for the
+        writer. False when the outbox is full."""
+        outbox = self.outbox
+        if not len(outbox) and outbox.accepting:
+            written = self.ws.try_send_nowait(frame)
+            if written == len(frame):
+                if ts is not None:
+                    self.hub.metrics.latency.observe(self.hub.wall() * 1000 - ts)
+                    self.hub.metrics.delivered.inc()
+                if tracker is not None and event_id is not None:
+                    tracker.sent_id = event_id
+                return True
+            if written:
+                frame = frame[written:]
+        return outbox.put_nowait(frame, ts, tracker, event_id)
 
     def _slow_consumer(self) -> None:
         if not self._closing.is_set():

@@ -78,6 +78,11 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._queue)
 
+    @property
+    def accepting(self) -> bool:
+        """False once sealed or closed: new frames are dropped."""
+        return not (self._closed or self._sealed)
+
     def has_room(self, size: int = 0, *, share: float = 1.0) -> bool:
         """Whether a frame of `size` bytes fits within `share` of both limits."""
         max_items = max(1, int(self.max_items * share))

@@ -26,6 +26,7 @@ carrying the close code the caller must send.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 
 import trio
@@ -95,6 +96,11 @@ class ServerWebSocket:
         self._deadline = math.inf
         self._write_scope: trio.CancelScope | None = None
         self.close_sent = False
+        self.accepted = False
+        # The socket's descriptor for `try_send_nowait` (None: not a socket
+        # stream, e.g. trio's in-memory streams in tests, or closed).
+        sock = getattr(stream, "socket", None)
+        self._fd: int | None = sock.fileno() if sock is not None else None
 
     # -- handshake -----------------------------------------------------------
 
@@ -122,6 +128,7 @@ class ServerWebSocket:
 
     async def accept(self, subprotocol: str | None) -> None:
         await self._send(self._ws.send(AcceptConnection(subprotocol=subprotocol)))
+        self.accepted = True
 
     async def reject(self, status: int, body: str) -> None:
         """Answer the upgrade with an HTTP error; no WebSocket opens."""
@@ -180,6 +187,29 @@ class ServerWebSocket:
         self._deadline = min(self._deadline, deadline)
         if self._write_scope is not None:
             self._write_scope.deadline = min(self._write_scope.deadline, deadline)
+
+    def try_send_nowait(self, data: bytes) -> int:
+        """Write what the socket takes right now, without a task switch.
+
+        Returns the number of bytes written: 0 when the socket buffer is
+        full, a write is already in progress (ordering), our close frame was
+        sent, or the stream is not a socket. Errors are left for the next
+        awaited write to find. The caller must queue whatever was not
+        written, ahead of anything else.
+        """
+        fd = self._fd
+        if (
+            fd is None
+            or not self.accepted
+            or self._broken
+            or self.close_sent
+            or self._send_lock.locked()
+        ):
+            return 0
+        try:
+            return os.write(fd, data)
+        except OSError:  # BlockingIOError included: the socket is full
+            return 0
 
     async def send_raw_frames(self, data: bytes) -> None:
         """Write ready-made data frames (from `apix_trio.wire`)."""
@@ -259,6 +289,7 @@ class ServerWebSocket:
 
     async def aclose(self) -> None:
         """Close the TCP stream (never raises)."""
+        self._fd = None  # the descriptor number may be reused at once
         with trio.CancelScope(shield=True):
             try:
                 await self.stream.aclose()
