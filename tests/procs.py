@@ -40,6 +40,7 @@ from typing import Any
 import attrs
 import orjson
 import trio
+import trio.testing
 
 from apix_trio.devkeys import ensure_dev_keys, mint_token
 from tests.memws import MemClient
@@ -299,3 +300,19 @@ async def _fail_on_exit(node: NodeProcess, waiting: trio.CancelScope) -> None:
     if not waiting.cancel_called:
         stderr = b"\n".join(node.raw).decode(errors="replace")
         raise AssertionError(f"{node.name} exited with {status} before listening:\n{stderr}")
+
+
+def assert_clean_log(node: NodeProcess) -> None:
+    """No error or critical log line, no traceback on stderr."""
+    assert not node.problems(), node.problems()
+    assert not node.tracebacks(), node.tracebacks()
+
+
+async def wait_exit_logged(node: NodeProcess, within: float) -> int:
+    """`node.wait_exit(within)`, then until the log reader has taken every
+    line the process wrote: its stderr is at EOF once it exited, so the
+    reader runs to the end before every task is blocked again (`open_node`
+    stops the reader when the block exits, maybe before the last lines)."""
+    code = await node.wait_exit(within)
+    await trio.testing.wait_all_tasks_blocked()
+    return code

@@ -54,29 +54,14 @@ from apix_trio.broker.base import Broker, Event, Published, Retention
 from apix_trio.broker.memory import open_memory_broker
 from apix_trio.ids import ZERO, StreamId, format_id, parse_id
 from apix_trio.settings import BrokerSettings, Settings
+from tests.brokers import FakeWallClock, passes_within
 
 DELIVERY_TIMEOUT = 5.0
 """Seconds a listener may take to see a stored event (Redis: via the bus)."""
-EXPIRY_SLACK = 5.0
-"""Seconds Redis may take beyond a TTL to show it expired."""
-POLL = 0.05
 LONG = Retention(history_size=1000, history_ttl=3600.0, dedupe_window=600.0)
 ID_RE = re.compile(r"^(0|[1-9][0-9]*)-(0|[1-9][0-9]*)$")
 
 BrokerUnderTest = tuple[Broker, "Received"]
-
-
-class FakeWallClock:
-    """A `time.time` stand-in that moves only when told."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Received(list[tuple[str, str, Event]]):
@@ -122,14 +107,7 @@ class Timeline:
             self.clock.advance(seconds + 0.001)
             await check()
             return
-        with trio.fail_after(seconds + EXPIRY_SLACK):
-            while True:
-                try:
-                    await check()
-                except AssertionError:
-                    await trio.sleep(POLL)
-                else:
-                    return
+        await passes_within(seconds, check)
 
 
 # -- fixtures ------------------------------------------------------------------

@@ -19,23 +19,10 @@ from hypothesis import strategies as st
 from apix_trio.broker.base import TOMBSTONE_GRACE, Event, Retention
 from apix_trio.broker.memory import MemoryBroker, open_memory_broker
 from apix_trio.ids import BadStreamId, StreamId, format_id, parse_id
+from tests.brokers import T0, FakeWallClock
 
-T0 = 1_700_000_000.0
 T0_MS = int(T0 * 1000)
 LONG = Retention(history_size=1000, history_ttl=3600.0, dedupe_window=600.0)
-
-
-class FakeWallClock:
-    """A `time.time` stand-in that moves only when told."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @attrs.define

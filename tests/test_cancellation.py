@@ -30,8 +30,8 @@ from wsproto.events import CloseConnection
 from apix_trio import gateway
 from apix_trio.gateway import handle_stream
 from apix_trio.hub import Hub
-from apix_trio.metrics import Metrics
 from apix_trio.settings import ChannelOptions, Namespace
+from tests.checks import assert_hub_idle, sample, sum_closes
 from tests.memws import MemClient, memory_hub
 from tests.test_slow_consumer import pipe_pair
 
@@ -39,26 +39,6 @@ pytestmark = pytest.mark.timeout(60)
 
 CHANNEL = "big.feed"
 HISTORY = 600  # more than one replay page (500)
-
-
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
-
-
-def closes_by_code(metrics: Metrics) -> dict[str, float]:
-    """`apix_connection_closes_total` per close code (one registry scan)."""
-    return {
-        sample.labels["code"]: sample.value
-        for family in metrics.registry.collect()
-        if family.name == "apix_connection_closes"
-        for sample in family.samples
-        if sample.name == "apix_connection_closes_total"
-    }
-
-
-def sum_closes(metrics: Metrics) -> float:
-    return sum(closes_by_code(metrics).values())
 
 
 @pytest.fixture
@@ -168,13 +148,8 @@ async def end(victim: Victim, how: str) -> None:
 
 def assert_no_trace(hub: Hub, *, others: int) -> None:
     """Only the `others` helper connections remain, with no subscription."""
-    metrics = hub.metrics
-    assert len(hub.registry) == others
-    assert hub.registry.org_count("acme") == others
-    assert hub.router.statistics().subscriptions == 0
+    assert_hub_idle(hub, others=others)
     assert hub.router.statistics().channels == 0
-    assert sample(metrics, "apix_connections") == others
-    assert sample(metrics, "apix_subscriptions") == 0
 
 
 # -- the cases ------------------------------------------------------------------------

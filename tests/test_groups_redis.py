@@ -10,11 +10,8 @@ redis-py: no group may keep pending entries and no consumer may hold any.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -33,12 +30,12 @@ from apix_trio.broker.groups import RELEASED
 from apix_trio.broker.redis import open_redis_broker
 from apix_trio.broker.redis_keys import KeyLayout
 from apix_trio.settings import BrokerSettings, ChannelOptions, Namespace, Settings
+from tests.procs import open_node
 from tests.serverkit import Kit, running_server
 from tests.wsclient import RawClient
 
 pytestmark = pytest.mark.timeout(90)
 
-REPO = Path(__file__).resolve().parent.parent
 JOBS = (Namespace("jobs.>", ChannelOptions(history_size=10_000, history_ttl=3600)),)
 RETENTION = Retention(history_size=10_000, history_ttl=3600.0)
 SLOW_RETRIES = {"retry_base": 30.0, "retry_max": 60.0}
@@ -297,81 +294,27 @@ async def test_a_node_shutting_down_hands_its_members_events_to_another_node(
             await eventually(lambda: nothing_stranded(redis_url, prefix))
 
 
-@asynccontextmanager
-async def node_process(
-    tmp_path: Path, url: str, prefix: str, name: str, **env: str
-) -> AsyncIterator[tuple[trio.Process, int]]:
-    """`python -m apix_trio serve` on Redis; yields (process, ws port)."""
-    environ = {key: value for key, value in os.environ.items() if not key.startswith("APIX_")}
-    environ.update(
-        APIX_SERVER_WS_PORT="0",
-        APIX_SERVER_HTTP_PORT="0",
-        APIX_SERVER_NODE_ID=name,
-        APIX_AUTH_DEV_KEY_DIR=str(tmp_path / "keys"),
-        APIX_BROKER_REDIS_URL=url,
-        APIX_BROKER_KEY_PREFIX=prefix,
-        APIX_LOG_FORMAT="json",
-        PYTHONPATH=str(REPO),
-        **env,
-    )
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "apix_trio", "serve"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=environ,
-        cwd=str(REPO),
-    )
-    listening = trio.Event()
-    port = 0
-    lines: list[bytes] = []
-
-    async def read_log() -> None:
-        nonlocal port
-        assert process.stderr is not None
-        buffer = b""
-        while chunk := await process.stderr.receive_some(65536):
-            *complete, buffer = (buffer + chunk).split(b"\n")
-            for raw in complete:
-                lines.append(raw)
-                if b'"listening"' in raw:
-                    port = int(orjson.loads(raw)["ws_port"])
-                    listening.set()
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_log)
-            with trio.fail_after(20):
-                await listening.wait()
-            yield process, port
-            nursery.cancel_scope.cancel()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
-
-
 async def test_a_killed_nodes_unacked_events_go_to_another_node_after_the_visibility_timeout(
     tmp_path, redis_url, prefix
 ):
     visibility = 2.0
     async with node(tmp_path, redis_url, prefix, "node-b", delivery={**SLOW_RETRIES}) as b:
-        async with node_process(
-            tmp_path,
-            redis_url,
-            prefix,
-            "node-dead",
-            APIX_DELIVERY_VISIBILITY_TIMEOUT="2",
-            # its own retries (random: its rng cannot be seeded from here)
-            # would come after ~500 s on average; they only shift `attempt`
-            APIX_DELIVERY_RETRY_BASE="1000",
-            APIX_DELIVERY_RETRY_MAX="1000",
-            APIX_DELIVERY_MAX_ATTEMPTS="100",
-        ) as (process, port):
+        async with open_node(
+            tmp_path / "keys",
+            name="node-dead",
+            redis_url=redis_url,
+            settings={
+                "broker.key_prefix": prefix,
+                "delivery.visibility_timeout": "2",
+                # its own retries (random: its rng cannot be seeded from here)
+                # would come after ~500 s on average; they only shift `attempt`
+                "delivery.retry_base": "1000",
+                "delivery.retry_max": "1000",
+                "delivery.max_attempts": "100",
+            },
+        ) as dead:
             with trio.fail_after(60):
-                url = f"ws://127.0.0.1:{port}/ws"
-                doomed = await RawClient.open(url)
+                doomed = await RawClient.open(dead.ws_url)
                 assert (await doomed.call("auth", token=b.token("acme", "doomed")))["ok"]
                 reply = await doomed.call("subscribe", channel="jobs.q", group="w")
                 assert reply["ok"], reply
@@ -382,8 +325,8 @@ async def test_a_killed_nodes_unacked_events_go_to_another_node_after_the_visibi
                 # a live node touches what it holds: nothing is taken from it
                 assert await recv_within(survivor, 2 * visibility) is None
                 killed_at = time.monotonic()
-                process.send_signal(signal.SIGKILL)
-                await process.wait()
+                dead.signal(signal.SIGKILL)
+                await dead.process.wait()
                 pushes = [await survivor.next_push() for _ in ids]
                 waited = time.monotonic() - killed_at
                 assert [p["event"]["id"] for p in pushes] == ids

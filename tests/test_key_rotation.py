@@ -12,7 +12,7 @@ import trio
 from jwt.algorithms import RSAAlgorithm
 
 from apix_trio.devkeys import generate_keypair, load_private_key, mint_token
-from tests.procs import open_node
+from tests.procs import assert_clean_log, open_node
 from tests.serverkit import running_server
 from tests.wsclient import RawClient
 
@@ -84,9 +84,7 @@ async def test_sighup_reloads_keys_in_a_real_process(tmp_path):
         return mint_token(key, org="acme", sub=sub, kid=kid, sub_patterns=(">",), pub=(">",))
 
     with trio.fail_after(40):
-        async with open_node(
-            tmp_path / "dev", settings={"auth.public_keys": [str(jwks)]}
-        ) as node:
+        async with open_node(tmp_path / "dev", settings={"auth.public_keys": [str(jwks)]}) as node:
             veteran = await node.connect(token(old_key, "old", "veteran"))
             assert (await veteran.call("subscribe", channel="news.x"))["ok"]
             write_jwks(jwks, {"old": old_key, "new": new_key})
@@ -101,4 +99,4 @@ async def test_sighup_reloads_keys_in_a_real_process(tmp_path):
             assert (await newcomer.call("publish", channel="news.x", data=1))["ok"]
             push = await veteran.recv()
             assert push is not None and push["event"]["data"] == 1
-            assert node.problems() == [] and not node.tracebacks()
+            assert_clean_log(node)

@@ -18,111 +18,35 @@ allowed at the seam.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import attrs
-import orjson
 import pytest
 import trio
 from wsproto.utilities import LocalProtocolError
 
-from apix_trio.devkeys import ensure_dev_keys, mint_token
 from tests.conftest import RedisServer
 from tests.memws import MemClient
+from tests.procs import NodeProcess, call_keeping, open_node
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO = Path(__file__).resolve().parent.parent
 CHANNELS = ("feed.one", "feed.two", "feed.three")
 WINDOW = 16
 MAX_PUBLISHES = 30_000  # a bound, never reached unless something is wrong
 SEEN_BEFORE_KILL = 120
 LIVE_AFTER_RESUME = 60
+SETTINGS = {"defaults.history_size": 100_000, "limits.ops_per_second": 1_000_000}
 
 
-@attrs.define
-class Node:
-    process: trio.Process
-    ws_port: int = 0
-    lines: list[dict[str, Any]] = attrs.Factory(list)
-    raw: list[bytes] = attrs.Factory(list)
-    listening: trio.Event = attrs.Factory(trio.Event)
-
-
-async def _read_log(node: Node) -> None:
-    stream = node.process.stderr
-    assert stream is not None
-    buffer = b""
-    while chunk := await stream.receive_some(65536):
-        *complete, buffer = (buffer + chunk).split(b"\n")
-        for raw in complete:
-            node.raw.append(raw)
-            try:
-                line = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(line, dict):
-                node.lines.append(line)
-                if line.get("event") == "listening":
-                    node.ws_port = int(line["ws_port"])
-                    node.listening.set()
-
-
-@asynccontextmanager
-async def node_process(name: str, key_dir: Path, redis_url: str) -> AsyncIterator[Node]:
+def node_process(
+    name: str, key_dir: Path, redis_url: str
+) -> AbstractAsyncContextManager[NodeProcess]:
     """`python -m apix_trio serve` on free ports with the Redis broker."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("APIX_")}
-    env.update(
-        APIX_SERVER_WS_PORT="0",
-        APIX_SERVER_HTTP_PORT="0",
-        APIX_SERVER_NODE_ID=name,
-        APIX_BROKER_REDIS_URL=redis_url,
-        APIX_AUTH_DEV_KEY_DIR=str(key_dir),
-        APIX_DEFAULTS_HISTORY_SIZE="100000",
-        APIX_LIMITS_OPS_PER_SECOND="1000000",
-        APIX_LOG_LEVEL="info",
-        APIX_LOG_FORMAT="json",
-        PYTHONPATH=str(REPO),
-    )
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "apix_trio", "serve"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=str(REPO),
-    )
-    node = Node(process)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read_log, node)
-            with trio.fail_after(20):
-                await node.listening.wait()
-            yield node
-            nursery.cancel_scope.cancel()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-
-
-async def connect(node: Node, token: str, **auth: Any) -> tuple[MemClient, dict[str, Any]]:
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    await sock.connect(("127.0.0.1", node.ws_port))
-    client = MemClient(trio.SocketStream(sock))
-    await client.handshake([])
-    reply = await client.call("auth", token=token, **auth)
-    assert reply["ok"], reply
-    return client, reply["result"]
+    return open_node(key_dir, name=name, redis_url=redis_url, settings=SETTINGS)
 
 
 @attrs.define
@@ -191,34 +115,29 @@ async def run_scenario(
     tmp_path: Path, redis_server: RedisServer, *, send_positions: bool
 ) -> tuple[Subscriber, Publisher, dict[str, Any]]:
     key_dir = tmp_path / "keys"
-    private, _, _ = ensure_dev_keys(key_dir)
-
-    def token(sub: str) -> str:
-        return mint_token(private, org="acme", sub=sub, pub=(">",), sub_patterns=(">",))
-
     subscriber = Subscriber()
     async with (
         node_process("node-a", key_dir, redis_server.url) as node_a,
         node_process("node-b", key_dir, redis_server.url) as node_b,
     ):
         with trio.fail_after(60):
-            client, first = await connect(node_a, token("alice"))
+            client = await node_a.open_client()
+            first = await client.call("auth", token=node_a.token("alice"))
+            assert first["ok"], first
             for channel in CHANNELS:
                 assert (await client.call("subscribe", channel=channel))["ok"]
-            pub_client, _ = await connect(node_b, token("pub"))
+            pub_client = await node_b.connect(node_b.token("pub"))
             publisher = Publisher(pub_client)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(publisher.run)
-                await read_until_dead(
-                    client, subscriber, lambda: node_a.process.send_signal(signal.SIGKILL)
-                )
+                await read_until_dead(client, subscriber, lambda: node_a.signal(signal.SIGKILL))
                 assert await node_a.process.wait() == -signal.SIGKILL
 
-                resume: dict[str, Any] = {"session": first["session"]}
+                resume: dict[str, Any] = {"session": first["result"]["session"]}
                 if send_positions:
                     resume["positions"] = subscriber.positions()
                 client, result = await connect_collecting(
-                    node_b, token("alice"), resume, subscriber
+                    node_b, node_b.token("alice"), resume, subscriber
                 )
                 before_live = subscriber.total()
                 while subscriber.total() < before_live + LIVE_AFTER_RESUME:
@@ -231,27 +150,22 @@ async def run_scenario(
                 frame = await client.recv()
                 assert frame is not None, client.close_code
                 subscriber.take(frame)
-        assert not [line for line in node_b.lines if line.get("level") in ("error", "critical")]
+        assert not node_b.problems()
     return subscriber, publisher, result
 
 
 async def connect_collecting(
-    node: Node, token: str, resume: dict[str, Any], subscriber: Subscriber
+    node: NodeProcess, token: str, resume: dict[str, Any], subscriber: Subscriber
 ) -> tuple[MemClient, dict[str, Any]]:
     """Auth with `resume`; the replayed events pushed before the reply go to
     `subscriber` (MemClient.call would drop them)."""
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    await sock.connect(("127.0.0.1", node.ws_port))
-    client = MemClient(trio.SocketStream(sock))
-    await client.handshake([])
-    await client.send({"op": "auth", "id": 1, "token": token, "resume": resume})
-    while True:
-        frame = await client.recv()
-        assert frame is not None, client.close_code
-        if frame.get("id") == 1:
-            assert frame["ok"], frame
-            return client, frame["result"]
+    client = await node.open_client()
+    pushes: list[dict[str, Any]] = []
+    reply = await call_keeping(client, "auth", pushes, token=token, resume=resume)
+    assert reply["ok"], reply
+    for frame in pushes:
         subscriber.take(frame)
+    return client, reply["result"]
 
 
 async def test_sigkilled_node_client_resumes_on_another_exactly_once(tmp_path, redis_server):

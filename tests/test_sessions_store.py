@@ -32,21 +32,12 @@ from apix_trio.broker.sessions import (
     encode_record,
 )
 from apix_trio.settings import BrokerSettings, Settings
+from tests.brokers import FakeWallClock, passes_within
 from tests.conftest import RedisServer
 
-EXPIRY_SLACK = 5.0
-POLL = 0.05
 TTL = 300.0
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class FakeWallClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @attrs.define
@@ -61,14 +52,7 @@ class Subject:
             self.clock.now += seconds
             await check()
             return
-        with trio.fail_after(seconds + EXPIRY_SLACK):
-            while True:
-                try:
-                    await check()
-                except AssertionError:
-                    await trio.sleep(POLL)
-                else:
-                    return
+        await passes_within(seconds, check)
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -14,145 +14,30 @@ deadline instead of running to its send timeout.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-import attrs
-import orjson
 import pytest
 import trio
 import trio.testing
 
 from apix_trio import gateway
-from apix_trio.devkeys import ensure_dev_keys, mint_token
 from apix_trio.protocol.codes import CloseCode
 from tests.memws import MemClient, memory_hub
+from tests.procs import NodeProcess, assert_clean_log, open_node, wait_exit_logged
 from tests.test_slow_consumer import stalling_client
 
 pytestmark = pytest.mark.timeout(60)
 
-REPO = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 20.0
 EXIT_MARGIN = 5.0  # process start-up aside, a clean exit takes well under a second
 CHANNEL = "feed.live"
 
 
-@attrs.define
-class ServerProcess:
-    process: trio.Process
-    key_path: Path
-    ws_port: int = 0
-    lines: list[dict[str, Any]] = attrs.field(factory=list)
-    raw: list[bytes] = attrs.field(factory=list)
-    _waiters: dict[str, trio.Event] = attrs.field(factory=dict)
-
-    def token(self, sub: str = "alice") -> str:
-        return mint_token(self.key_path, org="acme", sub=sub, pub=(">",), sub_patterns=(">",))
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [line for line in self.lines if line.get("event") == name]
-
-    def _seen(self, line: dict[str, Any]) -> None:
-        self.lines.append(line)
-        waiter = self._waiters.get(str(line.get("event")))
-        if waiter is not None:
-            waiter.set()
-
-    async def wait_log(self, name: str) -> dict[str, Any]:
-        """Wait for the server's first log line with `event == name`."""
-        while not self.events(name):
-            await self._waiters.setdefault(name, trio.Event()).wait()
-        return self.events(name)[0]
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    async def wait_exit(self, within: float) -> int:
-        """The exit status; TooSlowError unless the process exits `within` seconds."""
-        with trio.fail_after(within):
-            return await self.process.wait()
-
-    async def connect(self, *, rcvbuf: int | None = None, sub: str = "alice") -> MemClient:
-        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        await sock.connect(("127.0.0.1", self.ws_port))
-        client = MemClient(trio.SocketStream(sock))
-        await client.handshake([])
-        reply = await client.call("auth", token=self.token(sub))
-        assert reply["ok"], reply
-        return client
-
-
-async def _read_stderr(server: ServerProcess) -> None:
-    stream = server.process.stderr
-    assert stream is not None
-    buffer = b""
-    while chunk := await stream.receive_some(65536):
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            server.raw.append(raw)
-            try:
-                line = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue  # a traceback, say: kept in `raw` for the failure message
-            if isinstance(line, dict):
-                server._seen(line)
-
-
-@asynccontextmanager
-async def server_process(tmp_path: Path, *, grace: float) -> AsyncIterator[ServerProcess]:
+def server_process(tmp_path: Path, *, grace: float) -> AbstractAsyncContextManager[NodeProcess]:
     """`python -m apix_trio serve` on free ports; killed at exit if still running."""
-    key_dir = tmp_path / "keys"
-    private, _public, _created = ensure_dev_keys(key_dir)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("APIX_")}
-    env.update(
-        APIX_SERVER_WS_PORT="0",
-        APIX_SERVER_HTTP_PORT="0",
-        APIX_SERVER_SHUTDOWN_GRACE=str(grace),
-        APIX_AUTH_DEV_KEY_DIR=str(key_dir),
-        APIX_LOG_LEVEL="info",
-        APIX_LOG_FORMAT="json",
-        PYTHONPATH=str(REPO),
-    )
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "apix_trio", "serve"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=str(REPO),
-    )
-    server = ServerProcess(process, Path(private))
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read_stderr, server)
-            with trio.fail_after(START_TIMEOUT):
-                listening = await server.wait_log("listening")
-            server.ws_port = int(listening["ws_port"])
-            yield server
-            if process.returncode is None:
-                nursery.cancel_scope.cancel()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
-
-
-def assert_clean_log(server: ServerProcess) -> None:
-    problems = [line for line in server.lines if line.get("level") in ("error", "critical")]
-    assert not problems, problems
-    text = b"\n".join(server.raw)
-    assert b"Traceback" not in text, text.decode(errors="replace")
+    return open_node(tmp_path / "keys", settings={"server.shutdown_grace": grace})
 
 
 async def read_until_closed(client: MemClient, into: list[dict[str, Any]]) -> None:
@@ -198,7 +83,7 @@ async def test_sigterm_mid_stream_closes_1001_and_loses_nothing_acknowledged(tmp
                 # carried it, not later (so no reply after the close).
                 assert not publisher._pending
                 assert await publisher.stream.receive_some(65536) == b""
-            code = await server.wait_exit(grace + EXIT_MARGIN)
+            code = await wait_exit_logged(server, grace + EXIT_MARGIN)
 
     assert code == 0
     assert publisher.close_code == CloseCode.GOING_AWAY
@@ -224,7 +109,7 @@ async def test_sigterm_mid_stream_closes_1001_and_loses_nothing_acknowledged(tmp
     assert_clean_log(server)
 
 
-async def stall_a_subscriber(server: ServerProcess) -> MemClient:
+async def stall_a_subscriber(server: NodeProcess) -> MemClient:
     """A subscriber that stops reading while ~2 MB of events are queued for it.
 
     Its socket buffers hold a few kilobytes, so the server's write to it stays
@@ -250,7 +135,7 @@ async def test_sigterm_exits_within_grace_even_with_a_stalled_client(tmp_path):
             server.signal(signal.SIGTERM)
             # Without the grace deadline on socket writes, the stuck write would
             # hold the process for the whole send timeout (10 s).
-            code = await server.wait_exit(grace + EXIT_MARGIN)
+            code = await wait_exit_logged(server, grace + EXIT_MARGIN)
             assert code == 0
             assert await watcher.recv() is None
             assert watcher.close_code == CloseCode.GOING_AWAY
@@ -270,7 +155,7 @@ async def test_second_sigterm_exits_promptly(tmp_path):
             await server.wait_log("shutting_down")
             assert server.process.returncode is None
             server.signal(signal.SIGTERM)
-            code = await server.wait_exit(EXIT_MARGIN)
+            code = await wait_exit_logged(server, EXIT_MARGIN)
             await stalled.stream.aclose()
     assert code == 0
     assert server.events("second_signal")
@@ -286,7 +171,7 @@ async def test_sigint_closes_1001_and_exits_0(tmp_path):
             server.signal(signal.SIGINT)
             assert await client.recv() is None
             assert client.close_code == CloseCode.GOING_AWAY
-            code = await server.wait_exit(grace + EXIT_MARGIN)
+            code = await wait_exit_logged(server, grace + EXIT_MARGIN)
     assert code == 0
     assert server.events("signal")[0]["signal"] == "SIGINT"
     assert_clean_log(server)

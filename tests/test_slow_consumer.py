@@ -35,8 +35,8 @@ from wsproto.events import CloseConnection
 from apix_trio import gateway
 from apix_trio.gateway import handle_stream
 from apix_trio.hub import Hub
-from apix_trio.metrics import Metrics
 from apix_trio.settings import ChannelOptions, Namespace
+from tests.checks import sample
 from tests.memws import MemClient, MemHub, memory_hub
 from tests.serverkit import Kit, running_server
 
@@ -46,11 +46,6 @@ CHANNEL = "feed.flood"
 WINDOW = 32  # events in flight at once: always below the good subscriber's outbox
 MAX_EVENTS = 5_000  # the flood never goes past this, whatever happens
 EXTRA_WINDOWS = 3  # windows published after the slow consumer was closed
-
-
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
 
 
 async def socket_client(kit: Kit, *, rcvbuf: int | None = None) -> MemClient:

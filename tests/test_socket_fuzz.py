@@ -38,7 +38,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request, TextMessage
 
 from apix_trio.logs import configure_logging
-from apix_trio.metrics import Metrics
+from tests.checks import assert_hub_idle, sample, sum_closes
 from tests.memws import MemClient
 from tests.serverkit import Kit, running_server
 
@@ -53,26 +53,6 @@ BAD_FRAMES = 3
 
 TEXT, BINARY, CONTINUATION, CLOSE, PING = 0x1, 0x2, 0x0, 0x8, 0x9
 PROTOCOL_ERROR, UNSUPPORTED, INVALID_DATA, POLICY, TOO_BIG = 1002, 1003, 1007, 1008, 1009
-
-
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
-
-
-def closes_by_code(metrics: Metrics) -> dict[str, float]:
-    """`apix_connection_closes_total` per close code (one registry scan)."""
-    return {
-        sample.labels["code"]: sample.value
-        for family in metrics.registry.collect()
-        if family.name == "apix_connection_closes"
-        for sample in family.samples
-        if sample.name == "apix_connection_closes_total"
-    }
-
-
-def sum_closes(metrics: Metrics) -> float:
-    return sum(closes_by_code(metrics).values())
 
 
 # -- frames by hand ------------------------------------------------------------
@@ -572,11 +552,7 @@ async def test_hostile_sockets_never_crash_the_server(tmp_path, server_log):
 
         assert len(results) == CASES
         assert {name for name, _ in results} == {case.name for case in CASE_KINDS}
-        assert len(hub.registry) == 0
-        assert hub.registry.org_count("acme") == 0
-        assert hub.router.statistics().subscriptions == 0
-        assert sample(metrics, "apix_connections") == 0
-        assert sample(metrics, "apix_subscriptions") == 0
+        assert_hub_idle(hub)
         # Exactly one WebSocket per case that opens one (plus the good client),
         # each closed exactly once.
         websockets = 1 + sum(CASE_KINDS[i % len(CASE_KINDS)].connects for i in range(CASES))
