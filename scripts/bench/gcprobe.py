@@ -43,6 +43,8 @@ def _dump(signum: int, frame: object) -> None:
         out.write(json.dumps(line) + "\n")
 
 
+if os.environ.get("GCPROBE_THRESHOLD"):
+    gc.set_threshold(*(int(x) for x in os.environ["GCPROBE_THRESHOLD"].split(",")))
 gc.callbacks.append(_callback)
 signal.signal(signal.SIGUSR1, _dump)
 sys.argv = ["apix-trio", "serve"]

@@ -37,8 +37,9 @@
  *             counts completions during --duration after --warmup.
  *
  * Every mode prints one JSON line of results last, including its own CPU use
- * (and the server's, with --server-pid) over the measured interval. Every
- * loop is bounded by --timeout seconds in total.
+ * and run-queue wait (and the server's, with --server-pid, from
+ * /proc/PID/stat and /proc/PID/schedstat) over the measured interval, as
+ * shares of one core. Every loop is bounded by --timeout seconds in total.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
