@@ -47,7 +47,7 @@ from collections.abc import Sequence
 import attrs
 import orjson
 
-from apix_trio.broker.base import Event, Retention
+from apix_trio.broker.base import Broker, Event, Retention
 from apix_trio.protocol.codec import encode_event
 
 RELEASED = "apix.released"
@@ -190,3 +190,21 @@ def dead_letter_data(event: Event, group: str, attempts: int) -> str:
     return orjson.dumps(
         {"event": encode_event(event), "group": group, "attempts": attempts}
     ).decode()
+
+
+async def publish_dead_letter(
+    broker: Broker, org: str, channel: str, group: str, delivery: Delivery, retention: Retention
+) -> Event:
+    """Publish the dead letter of `delivery` to `<channel>.dlq` (idempotent by
+    `dead_letter_key`, so a retry after a failed ack stores nothing twice).
+    Both implementations ack the original after this."""
+    event = delivery.event
+    published = await broker.publish(
+        org,
+        dead_letter_channel(channel),
+        dead_letter_data(event, group, delivery.attempt),
+        sender=event.sender,
+        key=dead_letter_key(group, event.id),
+        retention=retention,
+    )
+    return published.event

@@ -40,9 +40,7 @@ from apix_trio.broker.groups import (
     ConsumerGroups,
     Delivery,
     PendingEntry,
-    dead_letter_channel,
-    dead_letter_data,
-    dead_letter_key,
+    publish_dead_letter,
 )
 
 if TYPE_CHECKING:
@@ -237,17 +235,9 @@ class MemoryGroups(ConsumerGroups):
     async def dead_letter(
         self, org: str, channel: str, group: str, delivery: Delivery, retention: Retention
     ) -> Event:
-        event = delivery.event
-        published = await self._broker.publish(
-            org,
-            dead_letter_channel(channel),
-            dead_letter_data(event, group, delivery.attempt),
-            sender=event.sender,
-            key=dead_letter_key(group, event.id),
-            retention=retention,
-        )
-        self._ack(org, channel, group, [event.id])
-        return published.event
+        dead = await publish_dead_letter(self._broker, org, channel, group, delivery, retention)
+        self._ack(org, channel, group, [delivery.event.id])
+        return dead
 
     async def remove_idle_consumers(
         self, org: str, channel: str, group: str, min_idle: float
