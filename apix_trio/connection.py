@@ -87,7 +87,10 @@ class Connection:
         self._pong = trio.Event()
         self._ping_payload = b""
         self._ping_counter = itertools.count(1)
-        self._ops_send, self._ops_recv = trio.open_memory_channel[Command](OP_QUEUE)
+        # Commands with the trio time they arrived: the `unavailable` bound
+        # counts from arrival, not from when the op worker gets to them.
+        self._ops_send, self._ops_recv = trio.open_memory_channel[tuple[Command, float]](OP_QUEUE)
+        self.backend_failed = False  # the last broker call of this connection failed
         self._work_nursery: trio.Nursery | None = None
         self._token_scope: trio.CancelScope | None = None
         self._joined_org = False
@@ -342,7 +345,7 @@ class Connection:
                 return
             self.abuse.record(now, limited=False)
         try:
-            await self._ops_send.send(result)
+            await self._ops_send.send((result, trio.current_time()))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
@@ -352,8 +355,8 @@ class Connection:
         from apix_trio.ops import run_command
 
         try:
-            async for command in self._ops_recv:
-                await run_command(self, command)
+            async for command, received_at in self._ops_recv:
+                await run_command(self, command, received_at)
         except trio.ClosedResourceError:
             return  # request_close closed the queue
 

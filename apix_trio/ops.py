@@ -66,22 +66,49 @@ class Later:
 Handler = Callable[["Connection", Any], Awaitable["dict[str, Any] | Then | Later"]]
 
 
-async def run_command(conn: Connection, command: f.Command) -> None:
+UNAVAILABLE_BOUND = 4.5
+"""Seconds from a command's arrival to its `unavailable` (PROTOCOL: within 5 s)."""
+MIN_SLICE = 0.25
+"""Least time a command gets when it starts late for reasons other than a
+failing backend (e.g. queued behind a long, client-paced replay)."""
+
+
+def _deadline(conn: Connection, received_at: float) -> float:
+    """When the command must be answered `unavailable` at the latest.
+
+    Counted from arrival, so publishes a client pipelined into a stalled
+    backend are each answered within the bound instead of one timeout after
+    another. A command that starts past its bound gets no time while the
+    connection's backend calls are failing, else MIN_SLICE.
+    """
+    bound = min(UNAVAILABLE_BOUND, conn.hub.settings.broker.operation_timeout + 0.5)
+    deadline = received_at + bound
+    now = trio.current_time()
+    if deadline <= now and not conn.backend_failed:
+        return now + MIN_SLICE
+    return deadline
+
+
+async def run_command(
+    conn: Connection, command: f.Command, received_at: float | None = None
+) -> None:
     """Run one command and queue exactly one reply for it.
 
     Error handling: OpError -> its error reply; BrokerUnavailable or the
-    operation timeout -> `unavailable`; anything else -> `internal`, logged
-    with its traceback (never sent to the client).
+    deadline (`_deadline`) -> `unavailable`; anything else -> `internal`,
+    logged with its traceback (never sent to the client).
     """
     handler = HANDLERS.get(type(command))
-    timeout = conn.hub.settings.broker.operation_timeout
+    if received_at is None:
+        received_at = trio.current_time()
     after = None
     close = None
     try:
         if handler is None:
             raise OpError(ErrorCode.BAD_REQUEST, f"op {command_name(command)} is not supported")
-        with trio.fail_after(timeout + 1):
+        with trio.fail_at(_deadline(conn, received_at)):
             outcome = await handler(conn, command)
+        conn.backend_failed = False
         if isinstance(outcome, Later):
             outcome = await outcome.finish()
         if isinstance(outcome, Then):
@@ -96,6 +123,7 @@ async def run_command(conn: Connection, command: f.Command) -> None:
             conn.hub.metrics.bad_frames.inc()
             close = conn.protocol.note_bad_request()
     except (BrokerUnavailable, trio.TooSlowError):
+        conn.backend_failed = True
         conn.hub.metrics.broker_unavailable.inc()
         reply = encode_error(command.id, ErrorCode.UNAVAILABLE, "backend unavailable, retry later")
     except Exception:

@@ -12,7 +12,8 @@ bounded on its own) while a subscriber on node B listens; then Redis
 - (b) is paused with SIGSTOP (the socket stays open, nothing answers):
   publishes answer `unavailable` within 5 s, pings keep working, readiness
   goes 503, and after SIGCONT publishes succeed again and flow to the
-  subscriber, on the same connections.
+  subscriber, on the same connections; publishes a client pipelined into
+  the stall are each answered within 5 s of being sent, too.
 
 Waiting on the external processes (Redis restarting, a node noticing) is
 done by polling a condition under `fail_after`; the only timing assertion
@@ -319,3 +320,28 @@ async def _publish_unavailable(publisher: Publisher, first: int, count: int) -> 
     for n in range(first, first + count):
         outcome = await publisher.publish(n)
         assert outcome.id is None, outcome
+
+
+async def test_pipelined_publishes_into_a_stalled_redis_each_answer_within_bound(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    late: list[int] = []
+    async with open_node(tmp_path / "keys", **node_settings("node-a", redis_server)) as a:
+        with trio.fail_after(60):
+            client = await a.connect(sub="writer")
+            assert (await client.call("publish", channel=CHANNEL, data=0))["ok"]
+            redis_server.pause()
+            sent_at: dict[int, float] = {}
+            for n in (1, 2):
+                sent_at[n] = trio.current_time()
+                await client.send({"op": "publish", "id": n, "channel": CHANNEL, "data": n})
+            for n in (1, 2):
+                try:
+                    with trio.fail_at(sent_at[n] + UNAVAILABLE_WITHIN):
+                        reply = await client.recv()
+                except trio.TooSlowError:
+                    late.append(n)
+                    reply = await client.recv()
+                assert reply is not None and reply["id"] == n, reply
+                assert reply["error"]["code"] == "unavailable", reply
+    assert not late, f"publishes {late} were answered more than {UNAVAILABLE_WITHIN} s after sent"
