@@ -325,6 +325,9 @@ async def _publish_unavailable(publisher: Publisher, first: int, count: int) -> 
 async def test_pipelined_publishes_into_a_stalled_redis_each_answer_within_bound(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
+    """Each publish a client pipelined into a stalled Redis is answered
+    `unavailable` within the bound counted from when it was sent, not one
+    operation timeout after another (a connection runs its ops in order)."""
     late: list[int] = []
     async with open_node(tmp_path / "keys", **node_settings("node-a", redis_server)) as a:
         with trio.fail_after(60):
