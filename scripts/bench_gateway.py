@@ -53,6 +53,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench"
 OUT = ROOT / "scripts" / "bench-out"
@@ -165,12 +167,6 @@ def mint_token() -> str:
         env=env,
         cwd=ROOT,
     ).strip()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---------------------------------------------------------------- servers --

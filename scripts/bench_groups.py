@@ -29,16 +29,15 @@ import argparse
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 import trio
+from benchlib import throwaway_redis
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -57,12 +56,6 @@ from apix_trio.settings import BrokerSettings, Settings
 ORG, CHANNEL, GROUP, PREFIX = "bench", "jobs.q", "w", "bench"
 RETENTION = Retention(history_size=2_000_000, history_ttl=3600.0)
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -369,27 +362,8 @@ def main() -> None:
     if args.publish:  # the child of `publish_elsewhere`
         print(trio.run(publish_all, args.redis_url, args.publish))
         return
-    port = free_port()
-    with tempfile.TemporaryDirectory() as directory:
-        redis = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(port),
-             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", directory],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-            results = trio.run(bench, f"redis://127.0.0.1:{port}/0", args, Path(directory))
-        finally:
-            redis.terminate()
-            redis.wait()
+    with throwaway_redis() as (redis_url, directory):
+        results = trio.run(bench, redis_url, args, Path(directory))
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cpus, {platform.python_implementation()} "
         f"{platform.python_version()}, redis {_redis_version()}"

@@ -64,6 +64,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchlib import free_port  # noqa: E402
+
 from apix_trio.devkeys import ensure_dev_keys, mint_token  # noqa: E402
 
 START_TIMEOUT = 20.0
@@ -71,12 +73,6 @@ RUN_MARGIN = 60.0  # on top of warmup + duration + connection set-up
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DISTURBED = 0.15  # cores used by other processes during a run
 RESULT_MARK = "RESULT "  # children print their figures on a line starting with this
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def redis_ping(port: int) -> bool:

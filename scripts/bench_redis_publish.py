@@ -11,23 +11,14 @@ many events the bus reader delivered (the same process also does fan-out).
 from __future__ import annotations
 
 import argparse
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 
 import trio
+from benchlib import throwaway_redis
 
 from apix_trio.broker.base import Retention
 from apix_trio.broker.redis import RedisTuning, open_redis_broker
 from apix_trio.settings import BrokerSettings, Settings
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def bench(url: str, publishers: int, seconds: float, workers: int, channels: int) -> None:
@@ -84,28 +75,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=RedisTuning().batch_workers)
     parser.add_argument("--channels", type=int, default=50)
     args = parser.parse_args()
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as directory:
-        server = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(port),
-             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", directory],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-            trio.run(bench, f"redis://127.0.0.1:{port}/0", args.publishers, args.seconds,
-                     args.workers, args.channels)  # fmt: skip
-        finally:
-            server.terminate()
-            server.wait()
+    with throwaway_redis() as (redis_url, _directory):
+        trio.run(bench, redis_url, args.publishers, args.seconds, args.workers, args.channels)
 
 
 if __name__ == "__main__":
