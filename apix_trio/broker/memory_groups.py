@@ -135,13 +135,29 @@ class MemoryGroups(ConsumerGroups):
             entry = state.pending.get(event_id)
             if entry is None:
                 continue
-            event = self._event(org, channel, event_id)
-            if event is None:
-                del state.pending[event_id]
-                continue
-            entry.consumer, entry.attempt, entry.since = consumer, entry.attempt + 1, now
-            out.append(Delivery(event, entry.attempt))
+            delivery = self._hand_over(org, channel, state, event_id, entry, consumer, now)
+            if delivery is not None:
+                out.append(delivery)
         return out
+
+    def _hand_over(
+        self,
+        org: str,
+        channel: str,
+        state: _Group,
+        event_id: str,
+        entry: _Pending,
+        consumer: str,
+        now: float,
+    ) -> Delivery | None:
+        """Move one pending event to `consumer` (attempt + 1); None, and no
+        longer pending, when the event was trimmed from the channel."""
+        event = self._event(org, channel, event_id)
+        if event is None:
+            del state.pending[event_id]
+            return None
+        entry.consumer, entry.attempt, entry.since = consumer, entry.attempt + 1, now
+        return Delivery(event, entry.attempt)
 
     async def claim_idle(
         self, org: str, channel: str, group: str, consumer: str, min_idle: float, count: int
@@ -158,12 +174,9 @@ class MemoryGroups(ConsumerGroups):
                 break
             if entry.consumer != RELEASED and now - entry.since < min_idle:
                 continue
-            event = self._event(org, channel, event_id)
-            if event is None:
-                del state.pending[event_id]
-                continue
-            entry.consumer, entry.attempt, entry.since = consumer, entry.attempt + 1, now
-            out.append(Delivery(event, entry.attempt))
+            delivery = self._hand_over(org, channel, state, event_id, entry, consumer, now)
+            if delivery is not None:
+                out.append(delivery)
         return out
 
     async def touch(
