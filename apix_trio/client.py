@@ -154,7 +154,29 @@ class _PendingCall:
         raise ApixError.from_error(self.reply.get("error"))
 
 
-class Client:
+class EventOps:
+    """The ops that mean the same on a plain and a reconnecting client: each
+    is one `call`, sending only the options given."""
+
+    async def call(self, op: str, **fields: Any) -> Frame:
+        raise NotImplementedError
+
+    async def publish(self, channel: str, data: Any, *, key: str | None = None) -> Frame:
+        """Publish `data` (any JSON); returns `{"id", "ts", "duplicate"}`."""
+        return await self.call("publish", channel=channel, data=data, **_given(key=key))
+
+    async def history(
+        self, channel: str, *, since: str | None = None, limit: int | None = None
+    ) -> Frame:
+        """Returns `{"events": [...], "position"}`, oldest first."""
+        return await self.call("history", channel=channel, **_given(since=since, limit=limit))
+
+    async def ack(self, channel: str, group: str, ids: Iterable[str]) -> Frame:
+        """Acknowledge group deliveries; returns `{"acked": n}`."""
+        return await self.call("ack", channel=channel, group=group, ids=list(ids))
+
+
+class Client(EventOps):
     """One authenticated APIX connection; made by `open_client`, not directly.
 
     After `open_client` returns it, `conn`, `session`, `org`, `sub` come from
@@ -288,20 +310,6 @@ class Client:
 
     async def unsubscribe(self, channel: str, *, group: str | None = None) -> Frame:
         return await self.call("unsubscribe", channel=channel, **_given(group=group))
-
-    async def publish(self, channel: str, data: Any, *, key: str | None = None) -> Frame:
-        """Publish `data` (any JSON); returns `{"id", "ts", "duplicate"}`."""
-        return await self.call("publish", channel=channel, data=data, **_given(key=key))
-
-    async def history(
-        self, channel: str, *, since: str | None = None, limit: int | None = None
-    ) -> Frame:
-        """Returns `{"events": [...], "position"}`, oldest first."""
-        return await self.call("history", channel=channel, **_given(since=since, limit=limit))
-
-    async def ack(self, channel: str, group: str, ids: Iterable[str]) -> Frame:
-        """Acknowledge group deliveries; returns `{"acked": n}`."""
-        return await self.call("ack", channel=channel, group=group, ids=list(ids))
 
     async def presence(self, channel: str) -> Frame:
         return await self.call("presence", channel=channel)

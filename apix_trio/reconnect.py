@@ -67,7 +67,9 @@ from apix_trio.client import (
     ApixClosed,
     ApixError,
     Client,
+    EventOps,
     Frame,
+    _given,
     _reraise_alone,
     open_client,
 )
@@ -140,7 +142,7 @@ class ReconnectStatistics:
     """Connection attempts that failed (before or after authenticating)."""
 
 
-class ReconnectingClient:
+class ReconnectingClient(EventOps):
     """See the module docstring; made by `open_reconnecting_client`.
 
     `session` is the current session id (None before the first connection);
@@ -273,17 +275,6 @@ class ReconnectingClient:
         """`Client.call` on the live connection, waiting for one first."""
         client = await self.wait_connected()
         return await client.call(op, **fields)
-
-    async def publish(self, channel: str, data: Any, *, key: str | None = None) -> Frame:
-        return await self.call("publish", channel=channel, data=data, **_given(key=key))
-
-    async def history(
-        self, channel: str, *, since: str | None = None, limit: int | None = None
-    ) -> Frame:
-        return await self.call("history", channel=channel, **_given(since=since, limit=limit))
-
-    async def ack(self, channel: str, group: str, ids: list[str]) -> Frame:
-        return await self.call("ack", channel=channel, group=group, ids=ids)
 
     # -- the connector ---------------------------------------------------------------
 
@@ -566,10 +557,6 @@ class _Connection:
     client: Client
     nursery: trio.Nursery = attrs.field(default=None)
     authenticated: bool = False
-
-
-def _given(**options: Any) -> Frame:
-    return {name: value for name, value in options.items() if value is not None}
 
 
 @asynccontextmanager
