@@ -43,7 +43,13 @@ from redis.backoff import NoBackoff
 
 from apix_trio.broker.base import BrokerUnavailable
 from apix_trio.broker.redis_scripts import SCRIPTS, Script
-from apix_trio.broker.redis_support import RedisTuning, backoff_delay, cross, pack_command
+from apix_trio.broker.redis_support import (
+    RedisTuning,
+    aio_close_client,
+    backoff_delay,
+    cross,
+    pack_command,
+)
 from apix_trio.logs import get_logger
 
 log = get_logger(__name__)
@@ -246,11 +252,7 @@ class ScriptBatcher:
         self._client = aioredis.Redis(connection_pool=self._pool)
 
     async def aio_close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-        if self._pool is not None:
-            # Redis(connection_pool=...) leaves a pool it was given open.
-            await self._pool.aclose()
+        await aio_close_client(self._client, self._pool)
 
     async def _aio_ping(self) -> None:
         assert self._client is not None

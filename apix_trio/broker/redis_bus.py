@@ -50,7 +50,7 @@ from redis.backoff import NoBackoff
 from apix_trio import ids
 from apix_trio.broker.base import BrokerUnavailable, Event, Listener
 from apix_trio.broker.redis_keys import KeyLayout
-from apix_trio.broker.redis_support import RedisTuning, backoff_delay, cross
+from apix_trio.broker.redis_support import RedisTuning, aio_close_client, backoff_delay, cross
 from apix_trio.logs import get_logger
 
 log = get_logger(__name__)
@@ -215,10 +215,7 @@ class BusReader:
         self._client = aioredis.Redis(connection_pool=self._pool)
 
     async def aio_close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-        if self._pool is not None:
-            await self._pool.aclose()
+        await aio_close_client(self._client, self._pool)
 
     async def _aio_tails(self) -> list[tuple[str, int | None]]:
         """The last entry id and sequence of every shard."""

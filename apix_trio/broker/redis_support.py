@@ -77,3 +77,15 @@ async def cross(what: str, fn: Callable[..., Awaitable[T]], *args: Any, within: 
         except BACKEND_ERRORS as exc:
             raise BrokerUnavailable(f"redis {what} failed: {exc!r}") from exc
     raise BrokerUnavailable(f"redis {what}: no answer within {within:g} s")
+
+
+async def aio_close_client(client: Any, pool: Any) -> None:
+    """Close a redis-py asyncio client and then its pool (asyncio side).
+
+    `Redis(connection_pool=p).aclose()` leaves a pool it was given open, so
+    the pool is closed explicitly. Either may be None (never opened).
+    """
+    if client is not None:
+        await client.aclose()
+    if pool is not None:
+        await pool.aclose()
