@@ -79,7 +79,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = _load_settings(args.config, flags)
     if settings is None:
         return EXIT_USAGE
-    from apix_trio.logs import configure_logging
+    from apix_trio.observability.logs import configure_logging
     from apix_trio.server import run
 
     configure_logging(settings.log.level, settings.log.format)
@@ -92,7 +92,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_keygen(args: argparse.Namespace) -> int:
     """Write NAME.key (private, 0600) and NAME.pem (public) into --out; print
     both paths, the kid (NAME) and the JWT algorithm."""
-    from apix_trio.devkeys import algorithm_for, generate_keypair, load_private_key
+    from apix_trio.auth.devkeys import algorithm_for, generate_keypair, load_private_key
 
     out = Path(args.out)
     private_path = out / f"{args.name}.key"
@@ -126,7 +126,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
     from `auth.issuer`/`auth.audience`, so the token fits the configured
     server.
     """
-    from apix_trio.devkeys import ensure_dev_keys, mint_token
+    from apix_trio.auth.devkeys import ensure_dev_keys, mint_token
 
     if args.ttl <= 0:
         _say("token: --ttl must be a positive number of seconds")
@@ -173,7 +173,7 @@ def _token_of(args: argparse.Namespace) -> str | None:
 
 def _run_client(args: argparse.Namespace, work: Callable[[str], Any]) -> int:
     """Run `work(token)` under trio, turning client errors into exit 1."""
-    from apix_trio.client import ApixClientError
+    from apix_trio.clients.client import ApixClientError
 
     token = _token_of(args)
     if token is None:
@@ -192,7 +192,7 @@ def _run_client(args: argparse.Namespace, work: Callable[[str], Any]) -> int:
 def _cmd_sub(args: argparse.Namespace) -> int:
     """Subscribe to the channels; print every event push as one JSON line on
     stdout until Ctrl-C (exit 0) or until the server closes (exit 1)."""
-    from apix_trio.client import open_client
+    from apix_trio.clients.client import open_client
 
     async def work(token: str) -> int:
         async with open_client(args.url, token) as client:
@@ -223,7 +223,7 @@ def _cmd_sub(args: argparse.Namespace) -> int:
 
 def _cmd_pub(args: argparse.Namespace) -> int:
     """Publish DATA_JSON to the channel; print the result as JSON on stdout."""
-    from apix_trio.client import open_client
+    from apix_trio.clients.client import open_client
 
     try:
         data = orjson.loads(args.data)

@@ -34,7 +34,7 @@ from typing import Any
 import attrs
 import cattrs
 
-from apix_trio.permissions import BadPattern, parse_pattern
+from apix_trio.auth.permissions import BadPattern, parse_pattern
 from apix_trio.settings import (
     AuthSettings,
     BrokerSettings,

@@ -6,9 +6,9 @@ serve(settings)
 ├── services nursery
 │   ├── signals          SIGTERM/SIGINT -> graceful shutdown; SIGHUP -> reload keys
 │   ├── key watcher      reloads key files when they change
-│   ├── session keeper   session records: periodic and final writes (sessions.py)
+│   ├── session keeper   session records: periodic and final writes (delivery/sessions.py)
 │   ├── group manager    one reader per (org, channel, group) with local members
-│   │                    (groups.py, group_reader.py); releases their events on exit
+│   │                    (delivery/groups.py, group_reader.py); releases their events on exit
 │   └── http api         hypercorn: health, readiness, metrics, server API
 └── connections nursery  outlives the accept loop (graceful drain)
     ├── accept loop      trio.serve_listeners, handler nursery = connections nursery
@@ -38,12 +38,13 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from apix_trio.auth import KeyLoadError, KeyStore, Verifier
-from apix_trio.broker.base import Broker
-from apix_trio.gateway import handle_stream
-from apix_trio.httpapi import make_app
-from apix_trio.hub import Hub
-from apix_trio.logs import get_logger
+from apix_trio.auth.keys import KeyLoadError, KeyStore, Verifier
+from apix_trio.broker.events import Broker
+from apix_trio.commands.dispatch import run_command
+from apix_trio.gateway.handshake import handle_stream
+from apix_trio.gateway.hub import Hub
+from apix_trio.http.api import make_app
+from apix_trio.observability.logs import get_logger
 from apix_trio.protocol.codes import CloseCode
 from apix_trio.settings import Settings
 
@@ -57,12 +58,12 @@ async def open_broker(
 ) -> AsyncIterator[Broker]:
     """The broker the settings ask for: Redis when `broker.redis_url` is set."""
     if settings.broker.redis_url:
-        from apix_trio.broker.redis import open_redis_broker
+        from apix_trio.broker.redis.events import open_redis_broker
 
         async with open_redis_broker(settings) as broker:
             yield broker
     else:
-        from apix_trio.broker.memory import open_memory_broker
+        from apix_trio.broker.memory.events import open_memory_broker
 
         async with open_memory_broker(wall_clock=wall_clock) as broker:
             yield broker
@@ -109,7 +110,13 @@ async def serve(
         log.warning("hmac_enabled", message="HS256 tokens are accepted (development only)")
     shutdown = trio.Event()
     async with open_broker(settings, wall_clock=wall_clock) as broker:
-        hub = Hub(settings=settings, broker=broker, verifier=verifier, wall_clock=wall_clock)
+        hub = Hub(
+            settings=settings,
+            broker=broker,
+            verifier=verifier,
+            wall_clock=wall_clock,
+            commands=run_command,
+        )
         async with trio.open_nursery() as services:
             if handle_signals:
                 services.start_soon(_watch_signals, shutdown, keys, hub)
@@ -148,7 +155,7 @@ async def serve(
                     conn.request_close(CloseCode.GOING_AWAY)
                     # A write to a peer that stopped reading is shielded;
                     # only its own deadline can end it within the grace.
-                    conn.ws.set_deadline(deadline)
+                    conn.cut_writes_at(deadline)
                 connections.cancel_scope.deadline = deadline
             with trio.move_on_at(deadline):
                 await hub.sessions.flush()  # the final records of the closed connections
@@ -194,7 +201,7 @@ async def _watch_signals(shutdown: trio.Event, keys: KeyStore, hub: Hub) -> None
                 log.warning("second_signal", signal=signum)
                 now = trio.current_time()
                 for conn in hub.registry:
-                    conn.ws.set_deadline(now)  # cut shielded writes to stalled peers
+                    conn.cut_writes_at(now)  # cut shielded writes to stalled peers
                 raise KeyboardInterrupt  # a second SIGTERM/SIGINT: stop now
             else:
                 log.info("signal", signal=signal.Signals(signum).name)

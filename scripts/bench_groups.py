@@ -48,9 +48,9 @@ from wsproto.events import (
     TextMessage,
 )
 
-from apix_trio.broker.base import Retention
-from apix_trio.broker.redis import open_redis_broker
-from apix_trio.devkeys import ensure_dev_keys, mint_token
+from apix_trio.auth.devkeys import ensure_dev_keys, mint_token
+from apix_trio.broker.model import Retention
+from apix_trio.broker.redis.events import open_redis_broker
 from apix_trio.settings import BrokerSettings, Settings
 
 ORG, CHANNEL, GROUP, PREFIX = "bench", "jobs.q", "w", "bench"

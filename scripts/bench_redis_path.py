@@ -66,7 +66,7 @@ sys.path.insert(0, str(REPO))
 
 from benchlib import free_port  # noqa: E402
 
-from apix_trio.devkeys import ensure_dev_keys, mint_token  # noqa: E402
+from apix_trio.auth.devkeys import ensure_dev_keys, mint_token  # noqa: E402
 
 START_TIMEOUT = 20.0
 RUN_MARGIN = 60.0  # on top of warmup + duration + connection set-up
@@ -334,12 +334,15 @@ LEAF_CATEGORIES = (  # first match wins: (category, substrings of a frame's file
     ("structlog / logging", ("structlog/", "logging/")),
 )
 INCLUSIVE = (  # (what, substrings of any frame in the stack)
-    ("batch workers: publish round trips (redis_batch.py)", ("broker/redis_batch.py",)),
-    ("bus reader: XREAD -> listener (redis_bus.py)", ("broker/redis_bus.py",)),
+    ("batch workers: publish round trips (redis/batch.py)", ("broker/redis/batch.py",)),
+    ("bus reader: XREAD -> listener (redis/bus.py)", ("broker/redis/bus.py",)),
     ("inside the trio->asyncio crossing (aio_as_trio)", ("trio_asyncio/",)),
-    ("connection reader + op worker (connection.py)", ("apix_trio/connection.py",)),
-    ("op handlers (ops.py)", ("apix_trio/ops.py",)),
-    ("socket writer (outbox/websocket)", ("apix_trio/outbox.py", "apix_trio/websocket.py")),
+    ("connection reader + op worker (gateway/connection.py)", ("apix_trio/gateway/connection.py",)),
+    ("op handlers (commands/)", ("apix_trio/commands/",)),
+    (
+        "socket writer (outbox/websocket)",
+        ("apix_trio/gateway/outbox.py", "apix_trio/gateway/websocket.py"),
+    ),
 )
 
 
@@ -397,9 +400,9 @@ def baseline_child(port: int, seconds: float, depth: int) -> None:
     import orjson
     import trio
 
-    from apix_trio.broker.redis_keys import KeyLayout
-    from apix_trio.broker.redis_scripts import PUBLISH
-    from apix_trio.broker.redis_support import pack_command
+    from apix_trio.broker.redis.keys import KeyLayout
+    from apix_trio.broker.redis.scripts import PUBLISH
+    from apix_trio.broker.redis.support import pack_command
 
     layout = KeyLayout("apixbase", 16)
     channels = [layout.channel("bench", f"bench.c{n}") for n in range(50)]
@@ -487,8 +490,8 @@ def broker_child(port: int, seconds: float, publishers: int) -> None:
     publishing as fast as they can. Prints JSON."""
     import trio
 
-    from apix_trio.broker.base import Retention
-    from apix_trio.broker.redis import open_redis_broker
+    from apix_trio.broker.model import Retention
+    from apix_trio.broker.redis.events import open_redis_broker
     from apix_trio.settings import BrokerSettings, Settings
 
     settings = Settings(

@@ -16,8 +16,8 @@ import time
 import trio
 from benchlib import throwaway_redis
 
-from apix_trio.broker.base import Retention
-from apix_trio.broker.redis import RedisTuning, open_redis_broker
+from apix_trio.broker.model import Retention
+from apix_trio.broker.redis.events import RedisTuning, open_redis_broker
 from apix_trio.settings import BrokerSettings, Settings
 
 

@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
-from apix_trio.hub import Hub
-from apix_trio.metrics import Metrics
+from apix_trio.gateway.hub import Hub
+from apix_trio.observability.metrics import Metrics
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:

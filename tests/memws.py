@@ -26,11 +26,12 @@ from wsproto.events import (
     TextMessage,
 )
 
-from apix_trio.auth import KeyStore, Verifier
-from apix_trio.broker.memory import open_memory_broker
-from apix_trio.devkeys import ensure_dev_keys, mint_token
-from apix_trio.gateway import handle_stream
-from apix_trio.hub import Hub
+from apix_trio.auth.devkeys import ensure_dev_keys, mint_token
+from apix_trio.auth.keys import KeyStore, Verifier
+from apix_trio.broker.memory.events import open_memory_broker
+from apix_trio.commands.dispatch import run_command
+from apix_trio.gateway.handshake import handle_stream
+from apix_trio.gateway.hub import Hub
 from apix_trio.settings import Settings
 from tests.serverkit import make_settings
 
@@ -71,6 +72,7 @@ async def memory_hub(tmp_path: Path, **sections: Any) -> AsyncIterator[MemHub]:
             broker=broker,
             verifier=Verifier(settings.auth, keys),
             wall_clock=fake_wall,
+            commands=run_command,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(hub.groups.run)  # consumer-group delivery

@@ -42,7 +42,7 @@ import orjson
 import trio
 import trio.testing
 
-from apix_trio.devkeys import ensure_dev_keys, mint_token
+from apix_trio.auth.devkeys import ensure_dev_keys, mint_token
 from tests.memws import MemClient
 
 REPO = Path(__file__).resolve().parent.parent

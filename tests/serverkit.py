@@ -14,8 +14,8 @@ from typing import Any
 import attrs
 import trio
 
-from apix_trio.devkeys import ensure_dev_keys, mint_token
-from apix_trio.hub import Hub
+from apix_trio.auth.devkeys import ensure_dev_keys, mint_token
+from apix_trio.gateway.hub import Hub
 from apix_trio.server import RunningServer, serve
 from apix_trio.settings import (
     AuthSettings,

@@ -19,21 +19,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from apix_trio.auth import (
-    AuthError,
-    Identity,
-    KeyLoadError,
-    KeyStore,
-    Reason,
-    Verifier,
-    load_key_file,
-)
-from apix_trio.devkeys import (
+from apix_trio.auth.devkeys import (
     ensure_dev_keys,
     generate_keypair,
     load_private_key,
     mint_token,
 )
+from apix_trio.auth.identity import Identity
+from apix_trio.auth.keys import AuthError, KeyLoadError, KeyStore, Reason, Verifier, load_key_file
 from apix_trio.protocol.codes import CloseCode
 from apix_trio.settings import AuthSettings
 

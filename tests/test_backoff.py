@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from apix_trio.backoff import jittered_first_ping, retry_delay, retry_delay_bounds
+from apix_trio.delivery.backoff import jittered_first_ping, retry_delay, retry_delay_bounds
 
 PROTOCOL = {"base": 1.0, "factor": 2.0, "cap": 60.0}
 

@@ -2,7 +2,7 @@
 
 One suite, parametrised by `broker_kind` over "memory" and "redis"; select a
 side with `-k memory` or `-k redis`. The Redis side opens
-`apix_trio.broker.redis.open_redis_broker` against the `redis_url` fixture (a
+`apix_trio.broker.redis.events.open_redis_broker` against the `redis_url` fixture (a
 real redis-server started by tests/conftest.py), imported only when used.
 
 Time. The memory broker gets a fake wall clock that `Timeline` moves; Redis
@@ -50,9 +50,11 @@ import attrs
 import pytest
 import trio
 
-from apix_trio.broker.base import Broker, Event, Published, Retention
-from apix_trio.broker.memory import open_memory_broker
-from apix_trio.ids import ZERO, StreamId, format_id, parse_id
+from apix_trio.broker.events import Broker
+from apix_trio.broker.memory.events import open_memory_broker
+from apix_trio.broker.model import Published, Retention
+from apix_trio.protocol.event import Event
+from apix_trio.protocol.ids import ZERO, StreamId, format_id, parse_id
 from apix_trio.settings import BrokerSettings, Settings
 from tests.brokers import FakeWallClock, passes_within
 
@@ -144,7 +146,7 @@ def _open(
     if kind == "memory":
         assert clock is not None
         return open_memory_broker(wall_clock=clock)
-    from apix_trio.broker.redis import open_redis_broker  # only the Redis side needs it
+    from apix_trio.broker.redis.events import open_redis_broker  # only the Redis side needs it
 
     assert settings is not None
     return open_redis_broker(settings)

@@ -16,9 +16,10 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apix_trio.broker.base import TOMBSTONE_GRACE, Event, Retention
-from apix_trio.broker.memory import MemoryBroker, open_memory_broker
-from apix_trio.ids import BadStreamId, StreamId, format_id, parse_id
+from apix_trio.broker.memory.events import MemoryBroker, open_memory_broker
+from apix_trio.broker.model import TOMBSTONE_GRACE, Retention
+from apix_trio.protocol.event import Event
+from apix_trio.protocol.ids import BadStreamId, StreamId, format_id, parse_id
 from tests.brokers import T0, FakeWallClock
 
 T0_MS = int(T0 * 1000)
@@ -254,7 +255,7 @@ async def test_a_large_history_pages_correctly_and_fast(harness: Harness) -> Non
 
 
 def model_recovered(stored: list[StreamId], retained: list[StreamId], since: StreamId) -> bool:
-    """The definition in base.py, read literally: `since` is "0-0" or an id
+    """The definition in broker/events.py, read literally: `since` is "0-0" or an id
     of the channel, and every id after it is still retained."""
     is_an_id = since == (0, 0) or since in stored
     return is_an_id and all(i in retained for i in stored if i > since)

@@ -20,12 +20,13 @@ import pytest
 import redis
 import trio
 
-from apix_trio.broker.base import BrokerUnavailable, Event, Retention
-from apix_trio.broker.redis import RedisBroker, RedisTuning, open_redis_broker
-from apix_trio.broker.redis_keys import KeyLayout, escape
-from apix_trio.broker.redis_scripts import PUBLISH
-from apix_trio.broker.redis_support import backoff_delay
-from apix_trio.ids import parse_id
+from apix_trio.broker.model import BrokerUnavailable, Retention
+from apix_trio.broker.redis.events import RedisBroker, RedisTuning, open_redis_broker
+from apix_trio.broker.redis.keys import KeyLayout, escape
+from apix_trio.broker.redis.scripts import PUBLISH
+from apix_trio.broker.redis.support import backoff_delay
+from apix_trio.protocol.event import Event
+from apix_trio.protocol.ids import parse_id
 from apix_trio.settings import BrokerSettings, Settings
 from tests.conftest import RedisServer, RedisServerFactory
 

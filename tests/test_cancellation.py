@@ -27,9 +27,9 @@ import trio
 import trio.testing
 from wsproto.events import CloseConnection
 
-from apix_trio import gateway
-from apix_trio.gateway import handle_stream
-from apix_trio.hub import Hub
+from apix_trio.gateway import handshake as gateway
+from apix_trio.gateway.handshake import handle_stream
+from apix_trio.gateway.hub import Hub
 from apix_trio.settings import ChannelOptions, Namespace
 from tests.checks import assert_hub_idle, sample, sum_closes
 from tests.memws import MemClient, memory_hub

@@ -7,7 +7,7 @@ import trio
 from websockets.exceptions import InvalidStatus
 
 from apix_trio.broker.leases import MemoryLeases
-from apix_trio.broker.redis import open_redis_broker
+from apix_trio.broker.redis.events import open_redis_broker
 from apix_trio.settings import BrokerSettings, Settings
 from tests.serverkit import running_server
 from tests.wsclient import RawClient

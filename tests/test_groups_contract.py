@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 
-from apix_trio.broker.base import Broker, Event, Retention
+from apix_trio.broker.events import Broker
 from apix_trio.broker.groups import (
     RELEASED,
     RELEASED_IDLE,
@@ -30,7 +30,9 @@ from apix_trio.broker.groups import (
     dead_letter_channel,
     dead_letter_key,
 )
-from apix_trio.broker.memory import open_memory_broker
+from apix_trio.broker.memory.events import open_memory_broker
+from apix_trio.broker.model import Retention
+from apix_trio.protocol.event import Event
 from apix_trio.settings import BrokerSettings, Settings
 
 LONG = Retention(history_size=1000, history_ttl=3600.0, dedupe_window=600.0)
@@ -72,7 +74,7 @@ def clock(broker_kind: str) -> trio.testing.MockClock | None:
 def _open(kind: str, request: pytest.FixtureRequest) -> AbstractAsyncContextManager[Broker]:
     if kind == "memory":
         return open_memory_broker()
-    from apix_trio.broker.redis import open_redis_broker
+    from apix_trio.broker.redis.events import open_redis_broker
 
     url = request.getfixturevalue("redis_url")
     prefix = f"apixtest-{uuid.uuid4().hex[:12]}"

@@ -25,10 +25,10 @@ import redis
 import trio
 from websockets.exceptions import ConnectionClosed
 
-from apix_trio.broker.base import Retention
 from apix_trio.broker.groups import RELEASED
-from apix_trio.broker.redis import open_redis_broker
-from apix_trio.broker.redis_keys import KeyLayout
+from apix_trio.broker.model import Retention
+from apix_trio.broker.redis.events import open_redis_broker
+from apix_trio.broker.redis.keys import KeyLayout
 from apix_trio.settings import BrokerSettings, ChannelOptions, Namespace, Settings
 from tests.procs import open_node
 from tests.serverkit import Kit, running_server

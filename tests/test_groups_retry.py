@@ -15,8 +15,8 @@ import pytest
 import trio
 import trio.testing
 
-from apix_trio.backoff import retry_delay_bounds
-from apix_trio.broker.base import Retention
+from apix_trio.broker.model import Retention
+from apix_trio.delivery.backoff import retry_delay_bounds
 from apix_trio.settings import ChannelOptions, Namespace
 from tests.memws import MemClient, MemHub, memory_hub
 

@@ -11,7 +11,7 @@ import pytest
 import trio
 from jwt.algorithms import RSAAlgorithm
 
-from apix_trio.devkeys import generate_keypair, load_private_key, mint_token
+from apix_trio.auth.devkeys import generate_keypair, load_private_key, mint_token
 from tests.procs import assert_clean_log, open_node
 from tests.serverkit import running_server
 from tests.wsclient import RawClient

@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 import structlog
 
-from apix_trio.logs import REDACTED, REDACTED_JWT, configure_logging, get_logger, redact_value
+from apix_trio.observability.logs import (
+    REDACTED,
+    REDACTED_JWT,
+    configure_logging,
+    get_logger,
+    redact_value,
+)
 
 JWT = "eyJhbGciOiJSUzI1NiIsImtpZCI6Im1haW4ifQ.eyJzdWIiOiJhbGljZSIsIm9yZyI6ImFjbWUifQ.c2lnbmF0dXJl"
 

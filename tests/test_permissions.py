@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from apix_trio.auth import Identity
-from apix_trio.permissions import (
+from apix_trio.auth.identity import Identity
+from apix_trio.auth.permissions import (
     BadPattern,
     Permissions,
     compile_pattern,
@@ -199,7 +199,7 @@ def test_star_patterns_agree_with_a_token_comparison(tokens: list[str], name: st
 
 
 def test_namespace_patterns_read_sub_as_any_user():
-    from apix_trio.namespaces import Namespaces
+    from apix_trio.routing.namespaces import Namespaces
     from apix_trio.settings import ChannelOptions, Namespace, Settings
 
     private = ChannelOptions(history_size=500)

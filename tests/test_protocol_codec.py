@@ -8,7 +8,6 @@ from typing import Any
 import orjson
 import pytest
 
-from apix_trio.broker.base import Event
 from apix_trio.protocol import (
     COMMAND_TYPES,
     OPS,
@@ -52,6 +51,7 @@ from apix_trio.protocol import (
     is_sub,
     pattern_matches,
 )
+from apix_trio.protocol.event import Event
 
 
 def frame(**fields: Any) -> str:

@@ -11,7 +11,6 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apix_trio.ids import parse_id
 from apix_trio.protocol import (
     COMMAND_TYPES,
     OPS,
@@ -28,6 +27,7 @@ from apix_trio.protocol import (
     is_channel,
     is_group,
 )
+from apix_trio.protocol.ids import parse_id
 
 FAST = settings(max_examples=300, deadline=None)
 ERROR_CODES = {code.value for code in ErrorCode}

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from apix_trio.ratelimit import AbuseTracker, TokenBucket
+from apix_trio.gateway.ratelimit import AbuseTracker, TokenBucket
 
 
 def test_burst_then_refusal_with_retry_after() -> None:

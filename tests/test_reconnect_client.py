@@ -22,8 +22,8 @@ import attrs
 import pytest
 import trio
 
-from apix_trio.broker.base import Broker
-from apix_trio.broker.redis import open_redis_broker
+from apix_trio.broker.events import Broker
+from apix_trio.broker.redis.events import open_redis_broker
 from apix_trio.client import ApixError
 from apix_trio.reconnect import (
     ReconnectingClient,

@@ -26,7 +26,7 @@ import pytest
 import redis
 import trio
 
-from apix_trio.broker.redis_keys import KeyLayout, escape
+from apix_trio.broker.redis.keys import KeyLayout, escape
 from tests.conftest import RedisServer
 from tests.memws import MemClient
 from tests.procs import NodeProcess, call_keeping, open_node

@@ -21,7 +21,7 @@ import trio
 import trio.testing
 from wsproto.events import CloseConnection
 
-from apix_trio.broker.base import Retention
+from apix_trio.broker.model import Retention
 from apix_trio.settings import ChannelOptions, Namespace
 from tests.memws import MemClient, memory_hub
 from tests.serverkit import Kit, running_server

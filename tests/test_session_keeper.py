@@ -15,10 +15,10 @@ import trio
 import trio.testing
 from wsproto.events import CloseConnection
 
-from apix_trio.broker.base import BrokerUnavailable
-from apix_trio.broker.memory_sessions import MemorySessionStore
+from apix_trio.broker.memory.sessions import MemorySessionStore
+from apix_trio.broker.model import BrokerUnavailable
 from apix_trio.broker.sessions import SessionRecord
-from apix_trio.sessions import FLUSH_INTERVAL, SessionKeeper
+from apix_trio.delivery.sessions import FLUSH_INTERVAL, SessionKeeper
 from tests.memws import MemClient, MemHub, fake_wall, memory_hub
 
 TTL = 60.0

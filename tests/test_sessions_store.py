@@ -22,8 +22,8 @@ import pytest
 import redis
 import trio
 
-from apix_trio.broker.base import BrokerUnavailable
-from apix_trio.broker.memory import open_memory_broker
+from apix_trio.broker.memory.events import open_memory_broker
+from apix_trio.broker.model import BrokerUnavailable
 from apix_trio.broker.sessions import (
     SessionChannel,
     SessionRecord,
@@ -72,7 +72,7 @@ async def subject(store_kind: str, request: pytest.FixtureRequest) -> AsyncItera
         async with open_memory_broker(wall_clock=clock) as memory:
             yield Subject(memory.sessions, clock)
         return
-    from apix_trio.broker.redis import open_redis_broker
+    from apix_trio.broker.redis.events import open_redis_broker
 
     settings = redis_settings(request.getfixturevalue("redis_url"))
     async with open_redis_broker(settings) as broker:
@@ -221,7 +221,7 @@ def _sync_client(server: RedisServer) -> redis.Redis:
 
 
 async def test_redis_key_layout_and_ttl(redis_server: RedisServer) -> None:
-    from apix_trio.broker.redis import open_redis_broker
+    from apix_trio.broker.redis.events import open_redis_broker
 
     settings = redis_settings(redis_server.url)
     prefix = settings.broker.key_prefix
@@ -248,7 +248,7 @@ async def test_redis_key_layout_and_ttl(redis_server: RedisServer) -> None:
 
 
 async def test_redis_store_survives_a_flushed_script_cache(redis_server: RedisServer) -> None:
-    from apix_trio.broker.redis import open_redis_broker
+    from apix_trio.broker.redis.events import open_redis_broker
 
     async with open_redis_broker(redis_settings(redis_server.url)) as broker:
         store = broker.sessions
@@ -261,7 +261,7 @@ async def test_redis_store_survives_a_flushed_script_cache(redis_server: RedisSe
 
 
 async def test_redis_store_down_raises_broker_unavailable(redis_server: RedisServer) -> None:
-    from apix_trio.broker.redis import open_redis_broker
+    from apix_trio.broker.redis.events import open_redis_broker
 
     settings = redis_settings(redis_server.url, operation_timeout=0.5)
     async with open_redis_broker(settings) as broker:

@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio.testing
 
-from apix_trio import gateway
+from apix_trio.gateway import handshake as gateway
 from apix_trio.protocol.codes import CloseCode
 from tests.memws import MemClient, memory_hub
 from tests.procs import NodeProcess, assert_clean_log, open_node, wait_exit_logged

@@ -37,7 +37,7 @@ import trio.testing
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request, TextMessage
 
-from apix_trio.logs import configure_logging
+from apix_trio.observability.logs import configure_logging
 from tests.checks import assert_hub_idle, sample, sum_closes
 from tests.memws import MemClient
 from tests.serverkit import Kit, running_server

@@ -1,15 +1,20 @@
-"""Brokers: the interface (`base`) and its embedded and Redis implementations."""
+"""Brokers (the MessageQueueManager): interfaces beside their embedded (`memory/`)
+and Redis Streams (`redis/`) implementations.
 
-from apix_trio.broker.base import (
-    Broker,
+Interfaces: `events` (the `Broker`: storage, history, fan-out), `groups`,
+`sessions`, `leases`; their shared vocabulary is `model`.
+"""
+
+from apix_trio.broker.events import Broker
+from apix_trio.broker.model import (
     BrokerError,
     BrokerUnavailable,
-    Event,
     Listener,
     Page,
     Published,
     Retention,
 )
+from apix_trio.protocol.event import Event
 
 __all__ = [
     "Broker",

@@ -1,8 +1,8 @@
 """Consumer groups on a channel stream: competing consumers, at-least-once.
 
-The interface; the embedded implementation lives in `memory_groups.py`, the
+The interface; the embedded implementation lives in `memory/groups.py`, the
 Redis Streams one (XGROUP/XREADGROUP/XCLAIM/XAUTOCLAIM/XACK) in
-`redis_groups.py`. One contract suite (`tests/test_groups_contract.py`) runs
+`redis/groups.py`. One contract suite (`tests/test_groups_contract.py`) runs
 against both.
 
 Theory of operation
@@ -43,12 +43,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import Protocol
 
 import attrs
 import orjson
 
-from apix_trio.broker.base import Broker, Event, Retention
+from apix_trio.broker.model import Published, Retention
 from apix_trio.protocol.codec import encode_event
+from apix_trio.protocol.event import Event
 
 RELEASED = "apix.released"
 """The consumer that holds released events until somebody claims them."""
@@ -184,6 +186,21 @@ class ConsumerGroups(abc.ABC):
         """
 
 
+class EventPublisher(Protocol):
+    """What a dead letter needs of the event broker: its `publish`."""
+
+    async def publish(
+        self,
+        org: str,
+        channel: str,
+        data: str,
+        *,
+        sender: str,
+        key: str | None,
+        retention: Retention,
+    ) -> Published: ...
+
+
 def dead_letter_data(event: Event, group: str, attempts: int) -> str:
     """The JSON text of a dead letter's data:
     `{"event": <the original event as delivered>, "group", "attempts"}`."""
@@ -193,7 +210,12 @@ def dead_letter_data(event: Event, group: str, attempts: int) -> str:
 
 
 async def publish_dead_letter(
-    broker: Broker, org: str, channel: str, group: str, delivery: Delivery, retention: Retention
+    broker: EventPublisher,
+    org: str,
+    channel: str,
+    group: str,
+    delivery: Delivery,
+    retention: Retention,
 ) -> Event:
     """Publish the dead letter of `delivery` to `<channel>.dlq` (idempotent by
     `dead_letter_key`, so a retry after a failed ack stores nothing twice).

@@ -6,7 +6,7 @@ The count of an org is the number of unexpired leases, so connections of a
 node that crashed stop counting within `ttl` without anybody cleaning up.
 
 The interface and the embedded implementation live here; the Redis one is
-`redis_leases.py` (a sorted set per org, scored by expiry).
+`redis/leases.py` (a sorted set per org, scored by expiry).
 
 Error handling: the Redis implementation raises `BrokerUnavailable`.
 """

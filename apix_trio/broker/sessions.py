@@ -1,7 +1,7 @@
 """Session records: what a connection was subscribed to, kept after it drops.
 
 The interface; memory and Redis implementations live beside it
-(`memory_sessions.py`, `redis_sessions.py`) with one contract suite
+(`memory/sessions.py`, `redis/sessions.py`) with one contract suite
 (`tests/test_sessions_store.py`).
 
 A record is keyed by (org, session id) and belongs to one `sub`; it expires

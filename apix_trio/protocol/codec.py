@@ -28,10 +28,10 @@ from typing import Any, NoReturn
 
 import orjson
 
-from apix_trio.broker.base import Event
-from apix_trio.ids import ZERO_TEXT, BadStreamId, parse_id
 from apix_trio.protocol import frames as f
 from apix_trio.protocol.codes import ErrorCode
+from apix_trio.protocol.event import Event
+from apix_trio.protocol.ids import ZERO_TEXT, BadStreamId, parse_id
 from apix_trio.protocol.names import (
     InvalidName,
     check_channel,

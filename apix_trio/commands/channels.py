@@ -1,0 +1,72 @@
+"""Channel ops: `subscribe` (live, with `since` replay, or into a group) and
+`unsubscribe`. The replay seam itself is `routing.subscriptions`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apix_trio.commands.base import (
+    Later,
+    OpError,
+    Then,
+    check_since,
+    drop_subscription,
+    require_channel_access,
+)
+from apix_trio.commands.groups import subscribe_group
+from apix_trio.gateway.connection import Connection
+from apix_trio.protocol import frames as f
+from apix_trio.protocol.codes import ErrorCode
+from apix_trio.routing.subscriptions import ChannelSubscription
+
+
+async def subscribe(conn: Connection, command: f.Subscribe) -> dict[str, Any] | Then | Later:
+    if command.group is not None:
+        return await subscribe_group(conn, command, command.group)
+    if command.presence:
+        raise OpError(ErrorCode.BAD_REQUEST, "presence is not supported yet")
+    channel = command.channel
+    require_channel_access(conn, channel, "sub")
+    check_since(command.since)
+    existing = conn.subscriptions.get(channel)
+    if existing is not None:
+        return {"channel": channel, "position": existing.position, "recovered": True, "replayed": 0}
+    if len(conn.subscriptions) >= conn.hub.settings.limits.max_subscriptions:
+        raise OpError(ErrorCode.LIMIT_EXCEEDED, "too many subscriptions on this connection")
+    subscription = ChannelSubscription(conn, channel)
+    conn.subscriptions[channel] = subscription
+    conn.hub.router.add(conn.org, channel, subscription)
+    conn.hub.metrics.subscriptions.inc()
+
+    async def replay_then_reply() -> Then:
+        try:
+            outcome = await subscription.start(command.since)
+        except BaseException:
+            drop_subscription(conn, channel)
+            raise
+        conn.log.info("subscribe", channel=channel, since=command.since, replayed=outcome.replayed)
+        await conn.hub.sessions.save_now(conn)
+        result = {
+            "channel": channel,
+            "position": outcome.position,
+            "recovered": outcome.recovered,
+            "replayed": outcome.replayed,
+        }
+        return Then(result, subscription.go_live)
+
+    if command.since is None:
+        return await replay_then_reply()
+    # A replay is paced by the client's reading, not by the backend: it runs
+    # outside the op timeout (each broker read keeps its own).
+    return Later(replay_then_reply)
+
+
+async def unsubscribe(conn: Connection, command: f.Unsubscribe) -> dict[str, Any]:
+    if command.group is not None:
+        if conn.hub.groups.leave(conn, command.channel, command.group):
+            await conn.hub.sessions.save_now(conn)
+        return {}
+    if drop_subscription(conn, command.channel):
+        conn.log.info("unsubscribe", channel=command.channel)
+        await conn.hub.sessions.save_now(conn)
+    return {}

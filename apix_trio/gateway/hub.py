@@ -1,0 +1,74 @@
+"""What every connection of one server shares: settings, broker, router, keys, metrics.
+
+The hub owns no tasks; `apix_trio.server` builds it and runs the services.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import attrs
+
+from apix_trio.auth.keys import Verifier
+from apix_trio.broker.events import Broker
+from apix_trio.delivery.groups import GroupManager
+from apix_trio.delivery.sessions import SessionKeeper
+from apix_trio.gateway.registry import ConnectionRegistry
+from apix_trio.gateway.slots import ConnectionSlots
+from apix_trio.observability.logs import get_logger
+from apix_trio.observability.metrics import Metrics
+from apix_trio.protocol.frames import Command
+from apix_trio.routing.namespaces import Namespaces
+from apix_trio.routing.router import Router
+from apix_trio.settings import Settings
+
+
+class CommandRunner(Protocol):
+    """Runs one command of a connection and queues exactly one reply
+    (`apix_trio.commands.dispatch.run_command`, wired in by `server.serve`:
+    the gateway sits below the op handlers and holds only this callable)."""
+
+    def __call__(self, conn: Any, command: Command, received_at: float) -> Awaitable[None]: ...
+
+
+@attrs.define
+class Hub:
+    """See the module docstring."""
+
+    settings: Settings
+    broker: Broker
+    verifier: Verifier
+    router: Router = attrs.field(factory=Router)
+    metrics: Metrics = attrs.field(factory=Metrics)
+    registry: ConnectionRegistry = attrs.field(factory=ConnectionRegistry)
+    namespaces: Namespaces = attrs.field(default=None)
+    wall_clock: Callable[[], float] = time.time
+    rng: random.Random = attrs.field(factory=random.Random)
+    accepting: bool = True
+    sessions: SessionKeeper = attrs.field(default=None)
+    groups: GroupManager = attrs.field(default=None)
+    slots: ConnectionSlots = attrs.field(default=None)
+    commands: CommandRunner = attrs.field(kw_only=True)
+    log = get_logger("apix.server")
+
+    def __attrs_post_init__(self) -> None:
+        if self.namespaces is None:
+            self.namespaces = Namespaces(self.settings)
+        if self.sessions is None:
+            self.sessions = SessionKeeper.for_broker(self.broker, self.settings.sessions.ttl)
+        if self.groups is None:
+            self.groups = GroupManager(self)
+        if self.slots is None:
+            self.slots = ConnectionSlots(
+                self.broker.leases,
+                self.settings.server.node_id,
+                self.settings.limits.max_connections_per_org,
+            )
+        self.broker.set_listener(self.router.dispatch)
+
+    def wall(self) -> float:
+        """Wall-clock seconds (injectable so timer tests run on a MockClock)."""
+        return self.wall_clock()

@@ -1,0 +1,1 @@
+"""The internal HTTP listener: health, readiness, metrics and the server API (`api`)."""
