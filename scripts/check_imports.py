@@ -49,7 +49,7 @@ LAYERS: Sequence[Sequence[str]] = (
     ("auth",),
     ("observability",),
     # bottom: sans-IO protocol, settings model, the package root
-    ("protocol", "settings", ""),
+    ("protocol", "settings", "web", ""),
 )
 """Packages (or top-level modules) of `apix_trio`, top layer first."""
 
