@@ -491,9 +491,9 @@ export class ApixClient extends Emitter {
         resolve({ authed: false, stop: false, code: 0, reason: String(err) });
         return;
       }
-      const conn = { ws, token, authed: false };
+      const conn = { ws, token, authed: false, timer: null };
       this._current = conn;
-      const timer =
+      const timer = conn.timer =
         this._options.connectTimeout > 0
           ? setTimeout(() => {
               if (!conn.authed) {
@@ -707,6 +707,7 @@ export class ApixClient extends Emitter {
     this.authResult = result;
     this._refusedToken = undefined;
     conn.authed = true;
+    if (conn.timer) clearTimeout(conn.timer);
     this._live = conn;
     this.stats.connects += 1;
 
