@@ -30,6 +30,10 @@ const run = promisify(execFile);
 const children = new Set();
 const tempDirs = new Set();
 
+for (const signal of ["SIGINT", "SIGTERM"]) {
+  process.once(signal, () => process.exit(128 + (signal === "SIGINT" ? 2 : 15)));
+}
+
 process.on("exit", () => {
   for (const child of children) {
     try {

@@ -377,10 +377,14 @@ export class ApixClient extends Emitter {
   connect() {
     if (this._closed) return Promise.reject(new ApixClosedError(1000, "the client is closed"));
     const ready = this._whenLive();
-    if (!this._running) {
-      this._running = this._run();
-    }
+    this._start();
     return ready;
+  }
+
+  /** Start the connect loop unless it runs (requests and subscriptions made
+   * before `connect()` start it too). */
+  _start() {
+    if (!this._running && !this._closed) this._running = this._run();
   }
 
   /** Stop reconnecting, close the socket with 1000, reject waiting requests.
@@ -609,6 +613,7 @@ export class ApixClient extends Emitter {
 
   _request(op, fields, onReply) {
     if (this._closed) return Promise.reject(new ApixClosedError(1000, "the client is closed"));
+    this._start();
     return new Promise((resolve, reject) => {
       const item = { op, fields, onReply, resolve, reject };
       if (this._live) this._sendItem(this._live, item);
@@ -928,6 +933,7 @@ export class ApixClient extends Emitter {
     }
     const done = new Promise((resolve, reject) => entry.waiters.push({ resolve, reject }));
     if (this._live && entry.sentOn !== this._live) this._sendSubscribe(this._live, entry);
+    this._start();
     return done;
   }
 
@@ -1011,6 +1017,7 @@ export class ApixClient extends Emitter {
     }
     const done = new Promise((resolve, reject) => entry.waiters.push({ resolve, reject }));
     if (this._live && entry.sentOn !== this._live) this._sendStateSubscribe(this._live, key, entry);
+    this._start();
     return done;
   }
 
