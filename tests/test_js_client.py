@@ -34,9 +34,11 @@ NPM = shutil.which("npm")
 NODE_TIMEOUT = 120.0
 NPM_TIMEOUT = 300.0
 
-pytestmark = pytest.mark.skipif(
-    NODE is None or NPM is None, reason="node and npm are not installed"
-)
+
+def setup_module() -> None:
+    assert NODE is not None and NPM is not None, (
+        "node and npm are needed (scripts/test.sh installs them when missing)"
+    )
 
 
 def _env() -> dict[str, str]:
