@@ -101,6 +101,8 @@ async def _on_validation(_request: Request, exc: Exception) -> Response:
 
 async def _on_http(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.__cause__, ApiError):  # FastAPI wraps errors raised reading the body
+        return error_response(exc.__cause__)
     if exc.status_code == 404:
         error = ApiError(ErrorCode.NOT_FOUND, "no such route")
     elif exc.status_code == 405:
