@@ -42,7 +42,7 @@ async def http_request(
     chunks: list[bytes] | None = None,
     token: str | None = None,
     headers: dict[str, str] | None = None,
-    timeout: float = 10.0,
+    within: float = 10.0,
 ) -> Reply:
     """One request on a fresh connection (see the module docstring)."""
     sent: dict[str, str] = {"host": "127.0.0.1"}
@@ -57,7 +57,7 @@ async def http_request(
         sent["transfer-encoding"] = "chunked"
         sent.setdefault("content-type", "application/json")
     sent.update({k.lower(): v for k, v in (headers or {}).items()})
-    with trio.fail_after(timeout):
+    with trio.fail_after(within):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
             conn = h11.Connection(h11.CLIENT)

@@ -25,13 +25,14 @@ or add it to `ROUTERS`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
 from apix_trio.gateway.hub import Hub
 from apix_trio.http import docs, routes_admin, routes_events, routes_groups, routes_ops
 from apix_trio.http.deps import ApiState
-from apix_trio.http.errors import install_error_handlers
+from apix_trio.http.errors import ErrorBody, install_error_handlers
 from apix_trio.http.middleware import ApiMiddleware, ASGIApp
 
 ROUTERS: tuple[APIRouter, ...] = (
@@ -41,6 +42,9 @@ ROUTERS: tuple[APIRouter, ...] = (
     routes_groups.router,
     docs.router,
 )
+
+REF = "#/components/schemas/{model}"
+ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
 
 DESCRIPTION = """\
 The server API of apix-trio: publish, read and administer without a WebSocket.
@@ -65,7 +69,34 @@ def build_fastapi(hub: Hub, extra_routers: Sequence[APIRouter] = ()) -> FastAPI:
     install_error_handlers(app)
     for router in (*ROUTERS, *extra_routers):
         app.include_router(router)
+    _without_422(app)
     return app
+
+
+def _without_422(app: FastAPI) -> None:
+    """Validation failures answer 400 (`errors`), so the document must not
+    promise FastAPI's 422 and its `HTTPValidationError` body."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    responses = operation.get("responses", {})
+                    if responses.pop("422", None) is not None and "400" not in responses:
+                        responses["400"] = {
+                            "description": "Bad request",
+                            "content": {"application/json": {"schema": ERROR_REF}},
+                        }
+            schemas = schema.get("components", {}).get("schemas", {})
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+            schemas.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template=REF))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def make_app(hub: Hub, extra_routers: Sequence[APIRouter] = ()) -> ASGIApp:
