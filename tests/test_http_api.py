@@ -68,7 +68,7 @@ async def test_health_ready_metrics_and_common_headers(kit: Kit) -> None:
     assert health.status == 200 and health.json() == {"status": "ok", "node": "test-node"}
     assert health.headers["x-content-type-options"] == "nosniff"
     assert health.headers["cache-control"] == "no-store"
-    assert re.fullmatch(r"[0-9a-f]{16}", health.headers["x-request-id"])
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]+", health.headers["x-request-id"])
     ready = await call(kit, "GET", "/api/v1/ready")
     assert ready.status == 200 and ready.json()["ready"] is True
     metrics = await call(kit, "GET", "/metrics")

@@ -42,7 +42,9 @@ async def test_openapi_document_is_valid_3_1_and_complete(tmp_path: Path) -> Non
     assert "400" in publish["responses"]
     operations = [op for ops in spec["paths"].values() for op in ops.values()]
     assert not [op for op in operations if "422" in op["responses"]]
-    assert "HTTPBearer" in spec["components"]["securitySchemes"]
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert publish["security"] == [{"bearer": []}]
+    assert "security" not in spec["paths"]["/api/v1/health"]["get"]
 
 
 async def test_docs_page_loads_only_its_own_assets(tmp_path: Path) -> None:

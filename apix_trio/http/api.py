@@ -31,7 +31,7 @@ from fastapi import APIRouter, FastAPI
 
 from apix_trio.gateway.hub import Hub
 from apix_trio.http import docs, routes_admin, routes_events, routes_groups, routes_ops
-from apix_trio.http.deps import ApiState
+from apix_trio.http.deps import BEARER, SECURITY_SCHEME, ApiState
 from apix_trio.http.errors import ErrorBody, install_error_handlers
 from apix_trio.http.middleware import ApiMiddleware, ASGIApp
 
@@ -69,13 +69,14 @@ def build_fastapi(hub: Hub, extra_routers: Sequence[APIRouter] = ()) -> FastAPI:
     install_error_handlers(app)
     for router in (*ROUTERS, *extra_routers):
         app.include_router(router)
-    _without_422(app)
+    _finish_openapi(app)
     return app
 
 
-def _without_422(app: FastAPI) -> None:
+def _finish_openapi(app: FastAPI) -> None:
     """Validation failures answer 400 (`errors`), so the document must not
-    promise FastAPI's 422 and its `HTTPValidationError` body."""
+    promise FastAPI's 422 and its `HTTPValidationError` body; routes that
+    authenticate (they answer 401) declare the bearer scheme."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -84,6 +85,8 @@ def _without_422(app: FastAPI) -> None:
             for operations in schema.get("paths", {}).values():
                 for operation in operations.values():
                     responses = operation.get("responses", {})
+                    if "401" in responses:
+                        operation["security"] = [{SECURITY_SCHEME: []}]
                     if responses.pop("422", None) is not None and "400" not in responses:
                         responses["400"] = {
                             "description": "Bad request",
@@ -93,6 +96,8 @@ def _without_422(app: FastAPI) -> None:
             schemas.pop("HTTPValidationError", None)
             schemas.pop("ValidationError", None)
             schemas.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template=REF))
+            components = schema.setdefault("components", {})
+            components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = BEARER
             app.openapi_schema = schema
         return app.openapi_schema
 
