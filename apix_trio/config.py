@@ -37,6 +37,7 @@ import cattrs
 
 from apix_trio.auth.permissions import BadPattern, parse_pattern
 from apix_trio.settings import (
+    ApiSettings,
     AuthSettings,
     BrokerSettings,
     ChannelOptions,
@@ -71,6 +72,7 @@ _SECTIONS: dict[str, type] = {
     "delivery": DeliverySettings,
     "sessions": SessionSettings,
     "presence": PresenceSettings,
+    "api": ApiSettings,
     "log": LogSettings,
     "defaults": ChannelOptions,
 }
@@ -239,6 +241,8 @@ _RULES: dict[str, _Rule] = {
     "delivery.group_prefetch": _int(1, 10_000),
     "sessions.ttl": _seconds(),
     "presence.ttl": _seconds(),
+    "api.rate_per_org": _number(0, inclusive=False),
+    "api.max_body_bytes": _int(1),
     "log.level": _choice(LOG_LEVELS),
     "log.format": _choice(LOG_FORMATS),
     "defaults.history_size": _int(0),

@@ -9,6 +9,8 @@ serve(settings)
 │   ├── session keeper   session records: periodic and final writes (delivery/sessions.py)
 │   ├── group manager    one reader per (org, channel, group) with local members
 │   │                    (delivery/groups.py, group_reader.py); releases their events on exit
+│   ├── directory keeper this node's connections in the cluster-wide directory
+│   │                    (gateway/directory.py); releases its node leases on exit
 │   └── http api         hypercorn: health, readiness, metrics, server API
 └── connections nursery  outlives the accept loop (graceful drain)
     ├── accept loop      trio.serve_listeners, handler nursery = connections nursery
@@ -136,6 +138,7 @@ async def serve(
             await services.start(hub.sessions.serve)
             await services.start(hub.groups.run)
             await services.start(hub.slots.run)
+            await services.start(hub.directory.run)
             async with trio.open_nursery() as connections:
                 listeners = await _open_listeners(
                     settings.server.host, settings.server.ws_port, reuse_port=reuse_port

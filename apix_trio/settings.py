@@ -93,6 +93,14 @@ class PresenceSettings:
 
 
 @attrs.frozen
+class ApiSettings:
+    """The HTTP server API (`server.http_port`)."""
+
+    rate_per_org: float = 1000.0  # requests per second per org (burst 2 x rate)
+    max_body_bytes: int = 1048576  # largest request body; larger: 413
+
+
+@attrs.frozen
 class LogSettings:
     level: str = "info"
     format: str = "json"
@@ -124,6 +132,7 @@ class Settings:
     delivery: DeliverySettings = attrs.field(factory=DeliverySettings)
     sessions: SessionSettings = attrs.field(factory=SessionSettings)
     presence: PresenceSettings = attrs.field(factory=PresenceSettings)
+    api: ApiSettings = attrs.field(factory=ApiSettings)
     log: LogSettings = attrs.field(factory=LogSettings)
     defaults: ChannelOptions = attrs.field(factory=ChannelOptions)
     namespaces: tuple[Namespace, ...] = ()

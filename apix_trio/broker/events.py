@@ -38,9 +38,10 @@ from __future__ import annotations
 
 import abc
 
+from apix_trio.broker.directory import ConnectionDirectory
 from apix_trio.broker.groups import ConsumerGroups
 from apix_trio.broker.leases import ConnectionLeases
-from apix_trio.broker.model import Listener, Page, Published, Retention
+from apix_trio.broker.model import ChannelInfo, Listener, Page, Published, Retention
 from apix_trio.broker.sessions import SessionStore
 
 
@@ -90,6 +91,19 @@ class Broker(abc.ABC):
     async def position(self, org: str, channel: str) -> str:
         """The channel's last id, `"0-0"` when it never had an event."""
 
+    @abc.abstractmethod
+    async def list_channels(self, org: str, prefix: str, limit: int) -> list[ChannelInfo]:
+        """Channels of `org` that retain history, whose names start with
+        `prefix`, sorted by name: at most `limit` of them.
+
+        Only well-formed channel names are listed (internal pseudo-channels
+        such as `$control` never are). The Redis implementation finds them
+        with a bounded SCAN of the org's stream keys (`LIST_SCAN_BUDGET`
+        keys examined at most, on the node `broker.redis_url` names), so on
+        a very large keyspace it may return fewer than exist; the embedded
+        one looks at every channel it holds.
+        """
+
     @property
     def groups(self) -> ConsumerGroups:
         """Consumer groups on this broker's channel streams."""
@@ -99,6 +113,11 @@ class Broker(abc.ABC):
     def leases(self) -> ConnectionLeases:
         """Connection leases for the cluster-wide per-org connection cap."""
         raise NotImplementedError(f"{type(self).__name__} has no connection leases")
+
+    @property
+    def directory(self) -> ConnectionDirectory:
+        """Every node's authenticated connections (`broker/directory.py`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no connection directory")
 
     @property
     def sessions(self) -> SessionStore:

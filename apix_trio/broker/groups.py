@@ -87,6 +87,26 @@ class PendingEntry:
     """Seconds since the event was last delivered, claimed or touched."""
 
 
+@attrs.frozen
+class ConsumerInfo:
+    name: str
+    pending: int
+    idle: float
+    """Seconds since the consumer last read, claimed or touched anything."""
+
+
+@attrs.frozen
+class GroupInfo:
+    """What an operator sees of a group: its consumers (the holder of released
+    events, `RELEASED`, among them while it holds any) and their pending counts."""
+
+    consumers: tuple[ConsumerInfo, ...]
+
+    @property
+    def pending(self) -> int:
+        return sum(consumer.pending for consumer in self.consumers)
+
+
 class ConsumerGroups(abc.ABC):
     """See the module docstring."""
 
@@ -184,6 +204,24 @@ class ConsumerGroups(abc.ABC):
         Harmless for a live consumer: one is created again by the next read
         or claim that hands it something.
         """
+
+    @abc.abstractmethod
+    async def info(self, org: str, channel: str, group: str) -> GroupInfo | None:
+        """The group's consumers, by name; None when the group does not exist
+        (never joined, or its channel retains nothing: Redis deletes a group
+        with its stream)."""
+
+    @abc.abstractmethod
+    async def redrive_cursor(self, org: str, channel: str, group: str) -> str:
+        """The id of the last dead letter of `<channel>.dlq` redriven for
+        `group` (`"0-0"` before the first redrive)."""
+
+    @abc.abstractmethod
+    async def advance_redrive_cursor(
+        self, org: str, channel: str, group: str, event_id: str
+    ) -> str:
+        """Move the redrive cursor forward to `event_id` (never back: a
+        smaller id leaves it where it is), atomically; returns the cursor."""
 
 
 class EventPublisher(Protocol):

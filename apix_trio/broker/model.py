@@ -16,6 +16,7 @@ __all__ = [
     "TOMBSTONE_GRACE",
     "BrokerError",
     "BrokerUnavailable",
+    "ChannelInfo",
     "Event",
     "Listener",
     "Page",
@@ -58,6 +59,14 @@ class Page:
     events: tuple[Event, ...]
     position: str
     recovered: bool = True
+
+
+@attrs.frozen
+class ChannelInfo:
+    """A channel that retains history: its name and its last id."""
+
+    channel: str
+    position: str
 
 
 Listener = Callable[[str, str, Event], None]

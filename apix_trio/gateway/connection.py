@@ -117,6 +117,7 @@ class Connection:
         self._authenticated.set()
         self._restart_token_timers()
         self.hub.sessions.opened(self)
+        self.hub.directory.opened(self.id, identity.org, identity.sub)
 
     def group_memberships(self) -> list[tuple[str, str]]:
         """(channel, group) of every consumer group this connection is in."""
@@ -283,6 +284,7 @@ class Connection:
             self._joined_org = False
         hub.registry.discard(self)
         hub.slots.release(self.id)
+        hub.directory.closed(self.id)
         hub.metrics.connections.dec()
         code = self.close_code if self.close_code is not None else 1006
         hub.metrics.closes.labels(code=str(code)).inc()

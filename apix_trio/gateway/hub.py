@@ -16,6 +16,8 @@ from apix_trio.auth.keys import Verifier
 from apix_trio.broker.events import Broker
 from apix_trio.delivery.groups import GroupManager
 from apix_trio.delivery.sessions import SessionKeeper
+from apix_trio.gateway.control import CONTROL_CHANNEL, ControlChannel
+from apix_trio.gateway.directory import DirectoryKeeper
 from apix_trio.gateway.registry import ConnectionRegistry
 from apix_trio.gateway.slots import ConnectionSlots
 from apix_trio.observability.logs import get_logger
@@ -52,6 +54,8 @@ class Hub:
     groups: GroupManager = attrs.field(default=None)
     slots: ConnectionSlots = attrs.field(default=None)
     commands: CommandRunner = attrs.field(kw_only=True)
+    directory: DirectoryKeeper = attrs.field(default=None, kw_only=True)
+    control: ControlChannel = attrs.field(default=None, kw_only=True)
     log = get_logger("apix.server")
 
     def __attrs_post_init__(self) -> None:
@@ -67,6 +71,18 @@ class Hub:
                 self.settings.server.node_id,
                 self.settings.limits.max_connections_per_org,
             )
+        if self.directory is None:
+            self.directory = DirectoryKeeper(
+                self.broker.directory,
+                self.settings.server.node_id,
+                self.settings.presence.ttl,
+                self.wall,
+            )
+        if self.control is None:
+            self.control = ControlChannel(
+                self.broker, self.registry, self.settings.server.node_id
+            )
+        self.router.handle_internal(CONTROL_CHANNEL, self.control.handle)
         self.broker.set_listener(self.router.dispatch)
 
     def wall(self) -> float:

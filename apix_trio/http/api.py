@@ -1,175 +1,114 @@
-"""The internal HTTP API (an ASGI app served by hypercorn on trio).
+"""The internal HTTP API (`server.http_port`): a FastAPI app on hypercorn's trio worker.
 
-Routes:
-- `GET /api/v1/health`: 200 while the process serves.
-- `GET /api/v1/ready`: 200 when the broker answers and connections are
-  accepted, else 503 (load balancers stop sending new clients).
-- `GET /metrics`: Prometheus text format.
-- `GET /api/v1/stats`: JSON snapshot of connections, router and outboxes.
-- `POST /api/v1/publish`: server-side publish, `Authorization: Bearer <JWT>`
-  with role `admin`; the event goes to the token's own org.
-- `POST /api/v1/disconnect`: close a connection of the admin's org with 4030.
+`make_app(hub)` builds it: the routers (one module per family of routes),
+the error handlers (`errors`), and the middleware every response passes
+through (`middleware`: request id, CORS, body limit, security headers,
+access log, 500s). The OpenAPI 3.1 document is built from the route
+definitions at `/api/openapi.json` and shown by `/api/docs` (`docs`).
+
+Routes (docs/http-api.md has one curl example each):
+
+- anyone: `GET /api/v1/health`, `GET /api/v1/ready`, `GET /metrics`,
+  `GET /api/docs`, `GET /api/openapi.json`, `GET /api/v1/stats`;
+- `perms.pub`: `POST /api/v1/channels/{channel}/events`, `POST /api/v1/broadcast`;
+- `perms.sub`: `GET /api/v1/channels/{channel}/events`;
+- admin: `GET /api/v1/channels`, `GET /api/v1/connections`,
+  `POST /api/v1/disconnect`, `GET /api/v1/groups/{channel}/{group}`,
+  `POST /api/v1/groups/{channel}/{group}/redrive`, `POST /api/v1/publish`.
+
+Adding a route family: write a module with an `APIRouter`, use the
+dependencies of `deps` (`caller`, `admin`) and `api_state(request).hub`,
+raise `ApiError`, and pass the router to `make_app(..., extra_routers=...)`
+or add it to `ROUTERS`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from typing import Any
 
-import orjson
+from fastapi import APIRouter, FastAPI
 
-from apix_trio.auth.identity import Identity
-from apix_trio.auth.keys import AuthError
-from apix_trio.broker.model import BrokerUnavailable
 from apix_trio.gateway.hub import Hub
-from apix_trio.protocol.codes import CloseCode
-from apix_trio.protocol.names import InvalidName, check_channel
+from apix_trio.http import docs, routes_admin, routes_events, routes_groups, routes_ops
+from apix_trio.http.deps import BEARER, SECURITY_SCHEME, ApiState
+from apix_trio.http.errors import ErrorBody, install_error_handlers
+from apix_trio.http.middleware import ApiMiddleware, ASGIApp
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-MAX_BODY = 1024 * 1024
+ROUTERS: tuple[APIRouter, ...] = (
+    routes_ops.router,
+    routes_events.router,
+    routes_admin.router,
+    routes_groups.router,
+    docs.router,
+)
+
+REF = "#/components/schemas/{model}"
+ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+
+DESCRIPTION = """\
+The server API of apix-trio: publish, read and administer without a WebSocket.
+
+Authenticate with `Authorization: Bearer <JWT>` (the tokens WebSocket clients
+use). The token's `org` scopes everything. Errors are
+`{"error": {"code", "message"}}` with the status of their code.
+"""
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-async def _respond(send: Send, status: int, body: bytes, content_type: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
+def build_fastapi(hub: Hub, extra_routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The FastAPI app alone (no middleware): for the OpenAPI document and tests."""
+    app = FastAPI(
+        title="apix-trio HTTP API",
+        version="1",
+        description=DESCRIPTION,
+        openapi_url=docs.OPENAPI_URL,
+        docs_url=None,
+        redoc_url=None,
     )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _json(send: Send, status: int, payload: Any) -> None:
-    await _respond(send, status, orjson.dumps(payload), b"application/json")
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    size = 0
-    while True:
-        message = await receive()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise HttpError(413, "body too large")
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
-def make_app(hub: Hub) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """The ASGI app for `hub`."""
-
-    def admin(scope: Scope) -> Identity:
-        headers = dict(scope.get("headers") or [])
-        authorization = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise HttpError(401, "expected Authorization: Bearer <token>")
-        try:
-            identity = hub.verifier.verify(token.strip(), now=hub.wall())
-        except AuthError as exc:
-            raise HttpError(401, f"invalid token: {exc}") from None
-        if "admin" not in identity.roles:
-            raise HttpError(403, "the admin role is required")
-        return identity
-
-    async def publish(scope: Scope, receive: Receive) -> tuple[int, Any]:
-        identity = admin(scope)
-        try:
-            body = orjson.loads(await _read_body(receive))
-            channel = body["channel"]
-            check_channel(channel)
-            data = orjson.dumps(body["data"]).decode()
-            key = body.get("key")
-            if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 128):
-                raise HttpError(400, "key must be a string of 1-128 characters")
-        except (orjson.JSONDecodeError, KeyError, TypeError, InvalidName) as exc:
-            raise HttpError(400, f"expected {{channel, data, key?}}: {exc}") from None
-        try:
-            published = await hub.broker.publish(
-                identity.org,
-                channel,
-                data,
-                sender=identity.sub,
-                key=key,
-                retention=hub.namespaces.retention(channel),
-            )
-        except BrokerUnavailable:
-            raise HttpError(503, "backend unavailable, retry later") from None
-        hub.metrics.published.inc()
-        event = published.event
-        return 200, {"id": event.id, "ts": event.ts, "duplicate": published.duplicate}
-
-    async def disconnect(scope: Scope, receive: Receive) -> tuple[int, Any]:
-        identity = admin(scope)
-        try:
-            conn_id = orjson.loads(await _read_body(receive))["conn"]
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            raise HttpError(400, f"expected {{conn}}: {exc}") from None
-        conn = hub.registry.get(str(conn_id))
-        if conn is None or conn.identity is None or conn.identity.org != identity.org:
-            raise HttpError(404, "no such connection")
-        conn.request_close(CloseCode.ADMIN_DISCONNECT)
-        return 200, {}
-
-    def stats() -> dict[str, Any]:
-        router = hub.router.statistics()
-        return {
-            "node": hub.settings.server.node_id,
-            "connections": len(hub.registry),
-            "channels": router.channels,
-            "subscriptions": router.subscriptions,
-            "dispatched": router.dispatched,
-            "broker_ready": hub.broker.ready,
-            "accepting": hub.accepting,
-        }
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
-        method, path = scope["method"], scope["path"]
-        try:
-            if path == "/api/v1/health" and method == "GET":
-                await _json(send, 200, {"status": "ok", "node": hub.settings.server.node_id})
-            elif path == "/api/v1/ready" and method == "GET":
-                ready = hub.broker.ready and hub.accepting
-                payload = {"ready": ready, "broker": hub.broker.ready, "accepting": hub.accepting}
-                await _json(send, 200 if ready else 503, payload)
-            elif path == "/metrics" and method == "GET":
-                await _respond(send, 200, hub.metrics.render(), b"text/plain; version=0.0.4")
-            elif path == "/api/v1/stats" and method == "GET":
-                await _json(send, 200, stats())
-            elif path == "/api/v1/publish" and method == "POST":
-                status, payload = await publish(scope, receive)
-                await _json(send, status, payload)
-            elif path == "/api/v1/disconnect" and method == "POST":
-                status, payload = await disconnect(scope, receive)
-                await _json(send, status, payload)
-            else:
-                raise HttpError(404, "not found")
-        except HttpError as exc:
-            await _json(send, exc.status, {"error": exc.message})
-
+    app.state.api = ApiState(hub)
+    install_error_handlers(app)
+    for router in (*ROUTERS, *extra_routers):
+        app.include_router(router)
+    _finish_openapi(app)
     return app
+
+
+def _finish_openapi(app: FastAPI) -> None:
+    """Validation failures answer 400 (`errors`), so the document must not
+    promise FastAPI's 422 and its `HTTPValidationError` body; routes that
+    authenticate (they answer 401) declare the bearer scheme."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    responses = operation.get("responses", {})
+                    if "401" in responses:
+                        operation["security"] = [{SECURITY_SCHEME: []}]
+                    if responses.pop("422", None) is not None and "400" not in responses:
+                        responses["400"] = {
+                            "description": "Bad request",
+                            "content": {"application/json": {"schema": ERROR_REF}},
+                        }
+            schemas = schema.get("components", {}).get("schemas", {})
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+            schemas.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template=REF))
+            components = schema.setdefault("components", {})
+            components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = BEARER
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def make_app(hub: Hub, extra_routers: Sequence[APIRouter] = ()) -> ASGIApp:
+    """The ASGI app of the HTTP API for `hub` (served by `server._serve_http`)."""
+    app = build_fastapi(hub, extra_routers)
+    return ApiMiddleware(
+        app,
+        allowed_origins=hub.settings.server.allowed_origins,
+        max_body_bytes=hub.settings.api.max_body_bytes,
+    )

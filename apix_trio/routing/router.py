@@ -10,10 +10,15 @@ subscriber whose outbox is full is closed as a slow consumer by its own
 connection, and everybody else is unaffected.
 
 An event for a channel nobody here watches costs one dict lookup.
+
+Internal channels (names starting with `$`, which no client can use, such
+as the control channel of admin disconnects) are handed to the handler
+registered with `handle_internal` instead of to subscribers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -27,6 +32,10 @@ from apix_trio.protocol.wire import text_frame
 class Subscriber(Protocol):
     def offer(self, event_id: StreamId, event: Event, frame: bytes) -> None:
         """Take one live event of the subscribed channel; never blocks."""
+
+
+InternalHandler = Callable[[str, Event], None]
+"""`handler(org, event)` for an internal channel's events; must not block or raise."""
 
 
 @attrs.frozen
@@ -45,6 +54,21 @@ class Router:
         self._count = 0
         self._dispatched = 0
         self._encoded = 0
+        self._internal: dict[str, InternalHandler] = {}
+
+    def handle_internal(self, channel: str, handler: InternalHandler) -> None:
+        """Send the events of internal `channel` (it starts with `$`) to `handler`."""
+        if not channel.startswith("$"):
+            raise ValueError(f"internal channel names start with '$', not {channel!r}")
+        self._internal[channel] = handler
+
+    def subscriber_count(self, org: str, channel: str) -> int:
+        """Local subscribers of (org, channel)."""
+        return len(self._subscribers.get((org, channel), ()))
+
+    def channels_of(self, org: str) -> list[str]:
+        """Channels of `org` with local subscribers (a scan: for admin reads)."""
+        return [channel for owner, channel in self._subscribers if owner == org]
 
     def add(self, org: str, channel: str, subscriber: Subscriber) -> None:
         bucket = self._subscribers.setdefault((org, channel), {})
@@ -69,6 +93,10 @@ class Router:
         self._dispatched += 1
         bucket = self._subscribers.get((org, channel))
         if not bucket:
+            if channel[:1] == "$":
+                handler = self._internal.get(channel)
+                if handler is not None:
+                    handler(org, event)
             return
         self._encoded += 1
         frame = text_frame(encode_event_push_bytes(channel, event))

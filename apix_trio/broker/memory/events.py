@@ -57,11 +57,20 @@ import trio
 
 from apix_trio.broker.events import Broker
 from apix_trio.broker.leases import MemoryLeases
+from apix_trio.broker.memory.directory import MemoryDirectory
 from apix_trio.broker.memory.groups import MemoryGroups
 from apix_trio.broker.memory.sessions import MemorySessionStore
-from apix_trio.broker.model import TOMBSTONE_GRACE, Listener, Page, Published, Retention
+from apix_trio.broker.model import (
+    TOMBSTONE_GRACE,
+    ChannelInfo,
+    Listener,
+    Page,
+    Published,
+    Retention,
+)
 from apix_trio.protocol import ids
 from apix_trio.protocol.event import Event
+from apix_trio.protocol.names import is_channel
 
 _SWEEP_BATCH = 32
 """Due heap entries handled per operation (bounds the pause of one call)."""
@@ -184,6 +193,7 @@ class MemoryBroker(Broker):
         self._sessions = MemorySessionStore(wall_clock=wall_clock)
         self._groups = MemoryGroups(self)
         self._leases = MemoryLeases(wall_clock)
+        self._directory = MemoryDirectory(wall_clock)
 
     @property
     def groups(self) -> MemoryGroups:
@@ -194,6 +204,11 @@ class MemoryBroker(Broker):
     def leases(self) -> MemoryLeases:
         """Connection leases for the per-org cap, in memory."""
         return self._leases
+
+    @property
+    def directory(self) -> MemoryDirectory:
+        """The connection directory, in memory, on the broker's wall clock."""
+        return self._directory
 
     @property
     def sessions(self) -> MemorySessionStore:
@@ -282,6 +297,19 @@ class MemoryBroker(Broker):
         lives), `"0-0"` when it has none."""
         await trio.lowlevel.checkpoint()
         return ids.format_id(self._read(org, channel).last)
+
+    async def list_channels(self, org: str, prefix: str, limit: int) -> list[ChannelInfo]:
+        """See `Broker.list_channels` (every channel of the process is looked at)."""
+        await trio.lowlevel.checkpoint()
+        now = self._wall_clock()
+        found = []
+        for (owner, channel), state in list(self._channels.items()):
+            if owner != org or not channel.startswith(prefix) or not is_channel(channel):
+                continue
+            if self._settle(state, now) and state.retained:
+                found.append(ChannelInfo(channel, ids.format_id(state.last)))
+        found.sort(key=lambda info: info.channel)
+        return found[: max(limit, 0)]
 
     # -- expiry ------------------------------------------------------------
 

@@ -35,8 +35,10 @@ from apix_trio.broker.groups import (
     RELEASED,
     RELEASED_IDLE,
     ConsumerGroups,
+    ConsumerInfo,
     Delivery,
     EventPublisher,
+    GroupInfo,
     PendingEntry,
     publish_dead_letter,
 )
@@ -51,6 +53,9 @@ class ChannelLog(Protocol):
     @property
     def last(self) -> ids.StreamId: ...
 
+    @property
+    def retained(self) -> int: ...
+
     def after(self, since: ids.StreamId, limit: int) -> tuple[Event, ...]: ...
 
     def find(self, event_id: ids.StreamId) -> Event | None:
@@ -63,6 +68,7 @@ class EmbeddedChannels(EventPublisher, Protocol):
     `publish` for dead letters."""
 
     def channel_log(self, org: str, channel: str) -> ChannelLog: ...
+
 
 GroupKey = tuple[str, str, str]
 
@@ -101,6 +107,7 @@ class MemoryGroups(ConsumerGroups):
     def __init__(self, broker: EmbeddedChannels) -> None:
         self._broker = broker
         self._groups: dict[GroupKey, _Group] = {}
+        self._redrive: dict[GroupKey, ids.StreamId] = {}
 
     def _event(self, org: str, channel: str, event_id: str) -> Event | None:
         """The retained event with this id, or None when it is gone."""
@@ -283,3 +290,34 @@ class MemoryGroups(ConsumerGroups):
         for name in removed:
             del state.consumers[name]
         return removed
+
+    async def info(self, org: str, channel: str, group: str) -> GroupInfo | None:
+        await trio.lowlevel.checkpoint()
+        state = self._groups.get((org, channel, group))
+        if state is None or not self._broker.channel_log(org, channel).retained:
+            return None
+        now = trio.current_time()
+        counts: dict[str, int] = {}
+        for entry in state.pending.values():
+            counts[entry.consumer] = counts.get(entry.consumer, 0) + 1
+        names = dict.fromkeys([*state.consumers, *counts])
+        return GroupInfo(
+            tuple(
+                ConsumerInfo(name, counts.get(name, 0), now - state.consumers.get(name, now))
+                for name in sorted(names)
+            )
+        )
+
+    async def redrive_cursor(self, org: str, channel: str, group: str) -> str:
+        await trio.lowlevel.checkpoint()
+        return ids.format_id(self._redrive.get((org, channel, group), ids.ZERO))
+
+    async def advance_redrive_cursor(
+        self, org: str, channel: str, group: str, event_id: str
+    ) -> str:
+        wanted = ids.parse_id(event_id)
+        await trio.lowlevel.checkpoint()
+        key = (org, channel, group)
+        cursor = max(self._redrive.get(key, ids.ZERO), wanted)
+        self._redrive[key] = cursor
+        return ids.format_id(cursor)

@@ -43,12 +43,21 @@ import trio
 import trio_asyncio
 
 from apix_trio.broker.events import Broker
-from apix_trio.broker.model import TOMBSTONE_GRACE, Listener, Page, Published, Retention
+from apix_trio.broker.model import (
+    TOMBSTONE_GRACE,
+    ChannelInfo,
+    Listener,
+    Page,
+    Published,
+    Retention,
+)
 from apix_trio.broker.redis.batch import BatchStatistics, ScriptBatcher
 from apix_trio.broker.redis.bus import BusReader, BusStatistics
+from apix_trio.broker.redis.directory import RedisDirectory
 from apix_trio.broker.redis.groups import RedisGroups
 from apix_trio.broker.redis.keys import KeyLayout, escape
 from apix_trio.broker.redis.leases import RedisLeases
+from apix_trio.broker.redis.listing import list_channels
 from apix_trio.broker.redis.scripts import PUBLISH, READ
 from apix_trio.broker.redis.sessions import RedisSessionStore
 from apix_trio.broker.redis.support import BACKEND_ERRORS, RedisTuning, cross
@@ -125,6 +134,11 @@ class RedisBroker(Broker):
     def leases(self) -> RedisLeases:
         """Connection leases for the cluster-wide per-org cap (`leases`)."""
         return RedisLeases(self.scripts, self._layout.prefix)
+
+    @functools.cached_property
+    def directory(self) -> RedisDirectory:
+        """The connection directory of every node (`directory`)."""
+        return RedisDirectory(self.scripts, self._layout)
 
     @property
     def sessions(self) -> RedisSessionStore:
@@ -214,6 +228,10 @@ class RedisBroker(Broker):
     async def position(self, org: str, channel: str) -> str:
         last, _, _, _ = await self._read(org, channel, "position", "0-0", 0)
         return str(last)
+
+    async def list_channels(self, org: str, prefix: str, limit: int) -> list[ChannelInfo]:
+        """See `Broker.list_channels` and `listing` (a bounded SCAN)."""
+        return await list_channels(self.scripts, self._layout, self.position, org, prefix, limit)
 
     async def _read(
         self, org: str, channel: str, mode: str, since: str, limit: int

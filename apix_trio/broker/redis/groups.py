@@ -45,13 +45,20 @@ from apix_trio.broker.groups import (
     RELEASED,
     RELEASED_IDLE,
     ConsumerGroups,
+    ConsumerInfo,
     Delivery,
     EventPublisher,
+    GroupInfo,
     PendingEntry,
     publish_dead_letter,
 )
 from apix_trio.broker.model import Retention
 from apix_trio.broker.redis.batch import ScriptBatcher
+from apix_trio.broker.redis.group_admin import (
+    ADVANCE_REDRIVE_CURSOR,
+    GROUP_INFO,
+    REDRIVE_CURSOR,
+)
 from apix_trio.broker.redis.group_scripts import (
     ACK,
     CLAIM,
@@ -65,6 +72,7 @@ from apix_trio.broker.redis.group_scripts import (
 )
 from apix_trio.broker.redis.keys import KeyLayout
 from apix_trio.broker.redis.scripts import Script
+from apix_trio.protocol import ids
 from apix_trio.protocol.event import Event
 
 PENDING_LIMIT = 100_000
@@ -217,3 +225,29 @@ class RedisGroups(ConsumerGroups):
     ) -> list[str]:
         reply = await self._call(REMOVE_IDLE, org, channel, group.encode(), _ms(min_idle))
         return [str(name) for name in reply or []]
+
+    async def info(self, org: str, channel: str, group: str) -> GroupInfo | None:
+        reply = await self._call(GROUP_INFO, org, channel, group.encode(), write=False)
+        if reply is None:
+            return None
+        return GroupInfo(
+            tuple(
+                ConsumerInfo(str(name), int(pending), int(idle) / 1000)
+                for name, pending, idle in reply
+            )
+        )
+
+    def _cursor_key(self, org: str, channel: str) -> tuple[bytes, ...]:
+        return (self._layout.redrive_cursors(org, channel).encode(),)
+
+    async def redrive_cursor(self, org: str, channel: str, group: str) -> str:
+        keys = self._cursor_key(org, channel)
+        return str(await self._scripts.call(REDRIVE_CURSOR, keys, (group.encode(),), write=False))
+
+    async def advance_redrive_cursor(
+        self, org: str, channel: str, group: str, event_id: str
+    ) -> str:
+        canonical = ids.format_id(ids.parse_id(event_id))  # ValueError before anything is sent
+        args = (group.encode(), canonical.encode())
+        keys = self._cursor_key(org, channel)
+        return str(await self._scripts.call(ADVANCE_REDRIVE_CURSOR, keys, args, write=True))

@@ -8,6 +8,9 @@ then (for per-org data) the org:
     <prefix>:{b<shard>}:<org>:k:<channel>:<key>  idempotency record of one key
     <prefix>:{b<shard>}:bus                      fan-out bus stream of the shard
     <prefix>:{b<shard>}:bus:seq                  the bus shard's entry counter
+    <prefix>:{b<shard>}:<org>:r:<channel>        redrive cursors of the channel's groups
+    <prefix>:{o:<org>}:dir:conns                 connection directory: conn -> record
+    <prefix>:{o:<org>}:dir:nodes                 connection directory: node leases
 
 `shard` is a stable hash (crc32) of (org, channel) modulo `bus_shards`, so a
 channel, its meta, its idempotency records and its bus shard share one hash
@@ -51,6 +54,19 @@ def escape(part: str) -> str:
         else:
             out.extend(f"%{byte:02X}" for byte in ch.encode("utf-8", "surrogatepass"))
     return "".join(out)
+
+
+_ESCAPED = re.compile(r"(?:%[0-9A-F]{2})+")
+
+
+def unescape(part: str) -> str:
+    """The inverse of `escape` (ValueError for text `escape` cannot produce)."""
+
+    def decode(match: re.Match[str]) -> str:
+        raw = bytes.fromhex(match.group(0).replace("%", ""))
+        return raw.decode("utf-8", "surrogatepass")
+
+    return _ESCAPED.sub(decode, part)
 
 
 def check_prefix(prefix: str) -> None:
@@ -116,6 +132,35 @@ class KeyLayout:
 
     def buses(self) -> list[str]:
         return [self.bus(shard) for shard in range(self.bus_shards)]
+
+    def redrive_cursors(self, org: str, channel: str) -> str:
+        """The hash of `channel`'s group redrive cursors (in the channel's slot)."""
+        keys = self.channel(org, channel)
+        return f"{self.tag(keys.shard)}:{escape(org)}:r:{escape(channel)}"
+
+    def stream_pattern(self, org: str, channel_prefix: str) -> str:
+        """A SCAN MATCH pattern for the streams of `org`'s channels starting
+        with `channel_prefix` (escaping leaves no glob character)."""
+        return f"{self.prefix}:{{b*}}:{escape(org)}:c:{escape(channel_prefix)}*"
+
+    def channel_of_stream(self, org: str, key: str) -> str | None:
+        """The channel name of `org`'s stream key `key` (as `stream_pattern`
+        finds them), or None when `key` is not one."""
+        head = f"{self.prefix}:{{b"
+        tag_end = key.find("}:", len(head))
+        middle = f"}}:{escape(org)}:c:"
+        if not key.startswith(head) or tag_end < 0 or not key.startswith(middle, tag_end):
+            return None
+        try:
+            return unescape(key[tag_end + len(middle) :])
+        except ValueError:
+            return None
+
+    def directory(self, org: str) -> tuple[str, str]:
+        """The connection directory of `org`: (records hash, node leases zset),
+        both in the org's own slot."""
+        base = f"{self.prefix}:{{o:{escape(org)}}}:dir"
+        return f"{base}:conns", f"{base}:nodes"
 
     def org_pattern(self, org: str) -> str:
         """A SCAN MATCH pattern for every key of `org` (for operators and tests)."""
