@@ -232,6 +232,7 @@ _RULES: dict[str, _Rule] = {
     "delivery.group_prefetch": _int(1, 10_000),
     "sessions.ttl": _seconds(),
     "presence.ttl": _seconds(),
+    "presence.max_members": _int(1),
     "log.level": _choice(LOG_LEVELS),
     "log.format": _choice(LOG_FORMATS),
     "defaults.history_size": _int(0),

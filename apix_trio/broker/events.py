@@ -41,6 +41,7 @@ import abc
 from apix_trio.broker.groups import ConsumerGroups
 from apix_trio.broker.leases import ConnectionLeases
 from apix_trio.broker.model import Listener, Page, Published, Retention
+from apix_trio.broker.presence import PresenceStore
 from apix_trio.broker.sessions import SessionStore
 
 
@@ -99,6 +100,11 @@ class Broker(abc.ABC):
     def leases(self) -> ConnectionLeases:
         """Connection leases for the cluster-wide per-org connection cap."""
         raise NotImplementedError(f"{type(self).__name__} has no connection leases")
+
+    @property
+    def presence(self) -> PresenceStore:
+        """Channel presence on this broker (changes fan out like events)."""
+        raise NotImplementedError(f"{type(self).__name__} has no presence yet")
 
     @property
     def sessions(self) -> SessionStore:

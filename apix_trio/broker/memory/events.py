@@ -58,6 +58,7 @@ import trio
 from apix_trio.broker.events import Broker
 from apix_trio.broker.leases import MemoryLeases
 from apix_trio.broker.memory.groups import MemoryGroups
+from apix_trio.broker.memory.presence import MemoryPresence
 from apix_trio.broker.memory.sessions import MemorySessionStore
 from apix_trio.broker.model import TOMBSTONE_GRACE, Listener, Page, Published, Retention
 from apix_trio.protocol import ids
@@ -184,6 +185,7 @@ class MemoryBroker(Broker):
         self._sessions = MemorySessionStore(wall_clock=wall_clock)
         self._groups = MemoryGroups(self)
         self._leases = MemoryLeases(wall_clock)
+        self._presence = MemoryPresence(self._fan_out, wall_clock)
 
     @property
     def groups(self) -> MemoryGroups:
@@ -194,6 +196,15 @@ class MemoryBroker(Broker):
     def leases(self) -> MemoryLeases:
         """Connection leases for the per-org cap, in memory."""
         return self._leases
+
+    @property
+    def presence(self) -> MemoryPresence:
+        """Channel presence, in memory; changes go to the listener (`memory/presence.py`)."""
+        return self._presence
+
+    def _fan_out(self, org: str, channel: str, event: Event) -> None:
+        if self._listener is not None:
+            self._listener(org, channel, event)
 
     @property
     def sessions(self) -> MemorySessionStore:

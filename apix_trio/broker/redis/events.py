@@ -49,6 +49,7 @@ from apix_trio.broker.redis.bus import BusReader, BusStatistics
 from apix_trio.broker.redis.groups import RedisGroups
 from apix_trio.broker.redis.keys import KeyLayout, escape
 from apix_trio.broker.redis.leases import RedisLeases
+from apix_trio.broker.redis.presence import RedisPresence
 from apix_trio.broker.redis.scripts import PUBLISH, READ
 from apix_trio.broker.redis.sessions import RedisSessionStore
 from apix_trio.broker.redis.support import BACKEND_ERRORS, RedisTuning, cross
@@ -125,6 +126,11 @@ class RedisBroker(Broker):
     def leases(self) -> RedisLeases:
         """Connection leases for the cluster-wide per-org cap (`leases`)."""
         return RedisLeases(self.scripts, self._layout.prefix)
+
+    @functools.cached_property
+    def presence(self) -> RedisPresence:
+        """Channel presence; changes go out on the bus (`presence`)."""
+        return RedisPresence(self.scripts, self._layout, self._tuning.bus_maxlen)
 
     @property
     def sessions(self) -> RedisSessionStore:
