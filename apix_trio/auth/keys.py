@@ -397,9 +397,7 @@ def _info(value: Any) -> str | None:
     except orjson.JSONEncodeError:
         raise AuthError(Reason.BAD_INFO, "the 'info' claim is nested too deeply") from None
     if len(text) > MAX_INFO_BYTES:
-        raise AuthError(
-            Reason.BAD_INFO, f"the 'info' claim is larger than {MAX_INFO_BYTES} bytes"
-        )
+        raise AuthError(Reason.BAD_INFO, f"the 'info' claim is larger than {MAX_INFO_BYTES} bytes")
     return text.decode()
 
 
