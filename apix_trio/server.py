@@ -9,6 +9,8 @@ serve(settings)
 │   ├── session keeper   session records: periodic and final writes (delivery/sessions.py)
 │   ├── group manager    one reader per (org, channel, group) with local members
 │   │                    (delivery/groups.py, group_reader.py); releases their events on exit
+│   ├── presence         node lease, reaper of dead nodes' members, leave writer
+│   │                    (delivery/presence.py); writes the queued leaves on exit
 │   └── http api         hypercorn: health, readiness, metrics, server API
 └── connections nursery  outlives the accept loop (graceful drain)
     ├── accept loop      trio.serve_listeners, handler nursery = connections nursery
@@ -125,6 +127,7 @@ async def serve(
             await services.start(hub.sessions.serve)
             await services.start(hub.groups.run)
             await services.start(hub.slots.run)
+            await services.start(hub.presence.run)
             async with trio.open_nursery() as connections:
                 listeners = await trio.open_tcp_listeners(
                     settings.server.ws_port, host=settings.server.host

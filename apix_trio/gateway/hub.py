@@ -15,6 +15,7 @@ import attrs
 from apix_trio.auth.keys import Verifier
 from apix_trio.broker.events import Broker
 from apix_trio.delivery.groups import GroupManager
+from apix_trio.delivery.presence import PresenceService
 from apix_trio.delivery.sessions import SessionKeeper
 from apix_trio.gateway.registry import ConnectionRegistry
 from apix_trio.gateway.slots import ConnectionSlots
@@ -51,6 +52,7 @@ class Hub:
     sessions: SessionKeeper = attrs.field(default=None)
     groups: GroupManager = attrs.field(default=None)
     slots: ConnectionSlots = attrs.field(default=None)
+    presence: PresenceService = attrs.field(default=None)
     commands: CommandRunner = attrs.field(kw_only=True)
     log = get_logger("apix.server")
 
@@ -67,6 +69,8 @@ class Hub:
                 self.settings.server.node_id,
                 self.settings.limits.max_connections_per_org,
             )
+        if self.presence is None:
+            self.presence = PresenceService(self)
         self.broker.set_listener(self.router.dispatch)
 
     def wall(self) -> float:
