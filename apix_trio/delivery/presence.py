@@ -252,6 +252,9 @@ class PresenceService:
             log.warning("presence_leave_failed", org=key[0], channel=key[1], error=str(exc))
             self._queue_leave(key)
             return False
+        except BaseException:
+            self._queue_leave(key)  # cancelled (shutting down): the exit flush writes it
+            raise
         finally:
             del self._writing[key]
             done.set()
@@ -325,9 +328,7 @@ class PresenceService:
         while True:
             await trio.sleep(self.refresh_interval)
             try:
-                live = registered and await self.store.refresh_node(
-                    self.incarnation, self.lease
-                )
+                live = registered and await self.store.refresh_node(self.incarnation, self.lease)
             except BrokerUnavailable as exc:
                 log.warning("presence_lease_failed", node=self.incarnation, error=str(exc))
                 continue
