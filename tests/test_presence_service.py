@@ -159,7 +159,7 @@ async def test_members_of_a_dead_node_leave_once_within_the_ttl(
 
 
 async def test_the_lease_is_refreshed_every_third_of_the_ttl(autojump_clock, cluster):
-    a, _ = await cluster.start("a")
+    await cluster.start("a")
     refreshed: list[float] = []
     store = cluster.broker.presence
     original = store.refresh_node
@@ -177,7 +177,7 @@ async def test_the_lease_is_refreshed_every_third_of_the_ttl(autojump_clock, clu
 
 async def test_a_lost_lease_takes_a_new_incarnation_and_rejoins(autojump_clock, cluster):
     a, _ = await cluster.start("a")
-    b, _ = await cluster.start("b")
+    await cluster.start("b")
     conns = [FakeConn(f"a{i}") for i in range(2)]
     await join_all(a, conns)
     first = a.incarnation
