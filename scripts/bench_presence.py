@@ -286,7 +286,8 @@ async def storm(
             for joiner, frame_id in zip(joiners, replies, strict=True):
                 while frame_id not in joiner.replies:
                     await joiner.reply_event.wait()
-                assert orjson.loads(joiner.replies[frame_id])["ok"]
+                reply = orjson.loads(joiner.replies[frame_id])
+                assert reply["ok"], reply
         out["cpu_s"] = cpu_seconds(process.pid) - cpu_before
         out["last_push_s"] = max(w.last_join_at for w in watchers) - t0
         out["last_reply_s"] = max(j.reply_at for j in joiners) - t0

@@ -74,12 +74,20 @@ class Recorder:
 
 
 def pushed(conn: FakeConn) -> list[dict[str, Any]]:
-    """The JSON of the WebSocket text frames a fake connection was given."""
+    """The JSON of the WebSocket text frames a fake connection was given
+    (a write may hold several: pushes are coalesced per connection)."""
     out = []
-    for frame in conn.frames:
-        length = frame[1] & 0x7F
-        start = 2 if length < 126 else 4 if length == 126 else 10
-        out.append(orjson.loads(frame[start:]))
+    for chunk in conn.frames:
+        at = 0
+        while at < len(chunk):
+            length = chunk[at + 1] & 0x7F
+            start = at + (2 if length < 126 else 4 if length == 126 else 10)
+            if length == 126:
+                length = int.from_bytes(chunk[at + 2 : at + 4], "big")
+            elif length == 127:
+                length = int.from_bytes(chunk[at + 2 : at + 10], "big")
+            out.append(orjson.loads(chunk[start : start + length]))
+            at = start + length
     return out
 
 

@@ -59,6 +59,7 @@ import abc
 import enum
 
 import attrs
+import orjson
 
 PRESENCE_PREFIX = "$presence."
 """Internal pseudo-channels of presence changes start with this."""
@@ -87,14 +88,21 @@ class JoinOutcome:
 
 @attrs.frozen
 class Snapshot:
-    """Members (compact JSON texts, in join order, at most the `limit`
-    asked for), how many there are in all, how many distinct subs, and the
-    presence position they reflect ("0-0" for a channel never joined)."""
+    """Members (one JSON array text, in join order, at most the `limit` asked
+    for: embedded in replies as is, never parsed on the way), how many there
+    are in all, how many distinct subs, and the presence position they
+    reflect ("0-0" for a channel never joined)."""
 
-    members: tuple[str, ...]
+    members_json: str
     total: int
     users: int
     position: str
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """Each member as compact JSON (parses `members_json`: for tests and
+        tools, not for hot paths)."""
+        return tuple(orjson.dumps(member).decode() for member in orjson.loads(self.members_json))
 
 
 @attrs.frozen

@@ -44,9 +44,9 @@ async def join_presence(conn: Connection, channel: str) -> PresenceJoin:
         ) from None
 
 
-def members_json(snapshot: Snapshot) -> list[orjson.Fragment]:
-    """The members as stored (compact JSON), embedded without parsing."""
-    return [orjson.Fragment(text) for text in snapshot.members]
+def members_json(snapshot: Snapshot) -> orjson.Fragment:
+    """The members as stored (one JSON array), embedded without parsing."""
+    return orjson.Fragment(snapshot.members_json)
 
 
 def presence_result(snapshot: Snapshot) -> dict[str, Any]:

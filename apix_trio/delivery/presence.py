@@ -5,7 +5,7 @@ Theory of operation
 `PresenceService` (owned by the hub) keeps this node's memberships (a
 connection, a channel, and its `routing.presence.PresenceWatch`) and talks to
 the broker's `PresenceStore`. `PresenceService.run` is a service of the
-server (`await services.start(...)`) with three tasks:
+server (`await services.start(...)`) with four tasks:
 
 - lease keeper: the node's incarnation `<node_id>:<random>` holds a lease of
   `lease` = 2/3 of `presence.ttl`, refreshed every ttl/3. A refresh that
@@ -18,6 +18,8 @@ server (`await services.start(...)`) with three tasks:
   reapers of all surviving nodes write each leave exactly once). A node
   dies at worst just after a refresh: its lease ends 2/3 ttl later and a
   reaper finds it within ttl/6 more, so its members leave within ttl;
+- push flusher: the watches' pushes, coalesced per connection
+  (`routing.presence.PresenceOutbox`);
 - leave writer: a closing connection's cleanup is synchronous, so `closed`
   only queues its leaves; the writer writes them at once, concurrently (the
   Redis batcher pipelines them), and keeps a failed one queued for the
@@ -49,7 +51,12 @@ from apix_trio.broker.presence import JoinStatus, Leaver, PresenceStore, Snapsho
 from apix_trio.delivery.ports import NodeServices
 from apix_trio.observability.logs import get_logger
 from apix_trio.protocol.ids import format_id
-from apix_trio.routing.presence import PRESENCE_KIND, PresenceWatch, encode_presence_push
+from apix_trio.routing.presence import (
+    PRESENCE_KIND,
+    PresenceOutbox,
+    PresenceWatch,
+    encode_presence_push,
+)
 
 EXIT_GRACE = 2.0
 """Seconds a stopping node spends writing its queued leaves."""
@@ -122,6 +129,7 @@ class PresenceService:
         """Leaves being written, set when done."""
         self._wake = trio.Event()
         self._rejoin_needed = False
+        self.outbox = PresenceOutbox()
         node.router.set_internal_encoder(PRESENCE_KIND, encode_presence_push)
 
     @property
@@ -156,7 +164,9 @@ class PresenceService:
         org = conn.org
         memberships = self._members.setdefault(conn, {})
         existing = memberships.get(channel)
-        watch = existing.watch if existing is not None else PresenceWatch(conn, channel)
+        watch = (
+            existing.watch if existing is not None else PresenceWatch(conn, channel, self.outbox)
+        )
         router = self._node.router
         if existing is None:
             router.add(org, watch.pseudo_channel, watch)
@@ -184,6 +194,7 @@ class PresenceService:
         except BaseException:
             if existing is None:
                 router.remove(org, watch.pseudo_channel, watch)
+                watch.stop()
                 if not memberships:
                     del self._members[conn]
                 if sent:
@@ -235,6 +246,7 @@ class PresenceService:
         if not memberships:
             del self._members[conn]
         self._node.router.remove(conn.org, membership.watch.pseudo_channel, membership.watch)
+        membership.watch.stop()
         self._node.metrics.presence_members.dec()
         return True
 
@@ -306,6 +318,7 @@ class PresenceService:
                 nursery.start_soon(self._keep_lease, registered)
                 nursery.start_soon(self._reap_forever)
                 nursery.start_soon(self._write_forever)
+                nursery.start_soon(self.outbox.serve)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(EXIT_GRACE):

@@ -23,6 +23,18 @@ dropped, so a change the snapshot already shows is never pushed, and none
 after it is missed (the router sees every change, in order). A change about
 the watching connection itself (its own join or leave) is never pushed: its
 conn is the event's `key`.
+
+Coalescing: a presence storm (a thousand joins within a second, a thousand
+watchers) is a million pushes, and one socket write per push would cost more
+than everything else. So a watch does not write its pushes itself: it adds
+them to the node's `PresenceOutbox`, and the outbox's flusher (a task of
+the presence service, woken by the first push) writes all the pushes a watch
+collected meanwhile as one frame batch, one write per connection. The
+router hands over a whole bus read (or every join made in one scheduler
+round) before the flusher runs, so the busier the node, the larger the
+batches. A push is delayed by one scheduler round at most; pushes of one
+watch stay in order, and a watch that stopped (`stop`) drops what it had
+not written.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import orjson
+import trio
 
 from apix_trio.broker.presence import PRESENCE_PREFIX, presence_channel
 from apix_trio.protocol.codec import PushKind
@@ -61,16 +74,53 @@ class PresenceSink(Protocol):
         ...
 
 
+class PresenceOutbox:
+    """Pushes collected per watch until `flush` (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[PresenceWatch, list[bytes]] = {}
+        self._wake = trio.Event()
+
+    def add(self, watch: PresenceWatch, frame: bytes) -> None:
+        frames = self._pending.get(watch)
+        if frames is None:
+            self._pending[watch] = [frame]
+            self._wake.set()
+        else:
+            frames.append(frame)
+
+    def flush(self) -> int:
+        """Write what every watch collected, one write per watch; returns the
+        number of pushes written."""
+        pending, self._pending = self._pending, {}
+        written = 0
+        for watch, frames in pending.items():
+            if watch.active:
+                watch.conn.enqueue_event(frames[0] if len(frames) == 1 else b"".join(frames), None)
+                written += len(frames)
+        return written
+
+    async def serve(self) -> None:
+        """Flush whenever something was added; never returns."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            self.flush()
+
+
 class PresenceWatch:
     """See the module docstring. Owned by one connection (through the node's
     presence service), registered with the router under `pseudo_channel`."""
 
-    def __init__(self, conn: PresenceSink, channel: str) -> None:
+    def __init__(self, conn: PresenceSink, channel: str, outbox: PresenceOutbox) -> None:
         self.conn = conn
         self.channel = channel
         self.pseudo_channel = presence_channel(channel)
+        self.outbox = outbox
         self.last: StreamId = ZERO
         self.live = False
+        self.active = True
+        """False once stopped: pushes not written yet are dropped."""
         self._pending: list[tuple[StreamId, Event, bytes]] = []
 
     def offer(self, event_id: StreamId, event: Event, frame: bytes) -> None:
@@ -84,7 +134,12 @@ class PresenceWatch:
             return
         self.last = event_id
         if event.key != self.conn.id:
-            self.conn.enqueue_event(frame, None)
+            self.outbox.add(self, frame)
+
+    def stop(self) -> None:
+        """The connection left (or is gone): write nothing more."""
+        self.active = False
+        self._pending.clear()
 
     def park(self) -> None:
         """Hold changes back until `go_live` (a snapshot is being read)."""

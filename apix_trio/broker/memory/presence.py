@@ -158,14 +158,14 @@ class MemoryPresence(PresenceStore):
         self._sweep()
         state = self._channels.get((org, channel))
         if state is None:
-            return Snapshot((), 0, 0, ids.ZERO_TEXT)
+            return Snapshot("[]", 0, 0, ids.ZERO_TEXT)
         texts: list[str] = []
         for member in state.members.values():
             if len(texts) >= limit:
                 break
             texts.append(member.text)
         return Snapshot(
-            tuple(texts), len(state.members), len(state.subs), ids.format_id(state.last)
+            f"[{','.join(texts)}]", len(state.members), len(state.subs), ids.format_id(state.last)
         )
 
     async def register_node(self, node: str, ttl: float) -> None:

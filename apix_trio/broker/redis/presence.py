@@ -186,12 +186,19 @@ MEMBERS = Script(
     "presence_members",
     """
 -- KEYS: members, order, users, meta; ARGV: limit.
--- Returns {members (join order), total, users, last position}.
+-- Returns {members as one JSON array text (join order), total, users, last position}.
 local conns = redis.call('ZRANGE', KEYS[2], 0, tonumber(ARGV[1]) - 1)
-local found = {}
-if #conns > 0 then found = redis.call('HMGET', KEYS[1], unpack(conns)) end
-return {found, redis.call('ZCARD', KEYS[2]), redis.call('HLEN', KEYS[3]),
-        redis.call('HGET', KEYS[4], 'last') or '0-0'}
+local texts = {}
+local step = 4000  -- unpack() takes a bounded number of arguments
+for first = 1, #conns, step do
+  local last = math.min(first + step - 1, #conns)
+  local found = redis.call('HMGET', KEYS[1], unpack(conns, first, last))
+  for _, text in ipairs(found) do
+    if text then texts[#texts + 1] = text end
+  end
+end
+return {'[' .. table.concat(texts, ',') .. ']', redis.call('ZCARD', KEYS[2]),
+        redis.call('HLEN', KEYS[3]), redis.call('HGET', KEYS[4], 'last') or '0-0'}
 """,
 )
 
@@ -419,11 +426,10 @@ class RedisPresence(PresenceStore):
     async def members(self, org: str, channel: str, limit: int) -> Snapshot:
         keys = self._layout.presence(org, channel)
         names = (keys.members, keys.order, keys.users, keys.meta)
-        found, total, users, position = await self._scripts.call(
+        members_json, total, users, position = await self._scripts.call(
             MEMBERS, tuple(name.encode() for name in names), (b"%d" % limit,), write=False
         )
-        texts = tuple(text for text in found if text)
-        return Snapshot(texts, int(total), int(users), str(position))
+        return Snapshot(str(members_json), int(total), int(users), str(position))
 
     # -- node leases and reaping ---------------------------------------------------
 
