@@ -373,3 +373,22 @@ async def test_a_forgotten_node_is_not_reaped(broker, org):
     await trio.sleep(LEASE + 0.3)
     assert await b.presence.reap() == []
     assert not await b.presence.refresh_node(NODE_A, LEASE)
+
+
+async def test_a_large_channel_snapshots_every_member_in_join_order(broker, org):
+    """More members than one Lua `unpack` takes at once (Redis reads them in
+    steps of 4,000)."""
+    b, _ = broker
+    count = 4_500
+    for start in range(0, count, 500):
+        async with trio.open_nursery() as nursery:
+            for i in range(start, start + 500):
+                nursery.start_soon(
+                    lambda i=i: join(b, org, "chat.big", f"c{i:05d}", max_members=10_000)
+                )
+    snapshot = await b.presence.members(org, "chat.big", 10_000)
+    members = conns(snapshot.members)
+    assert sorted(members) == [f"c{i:05d}" for i in range(count)]
+    assert (snapshot.total, snapshot.users) == (count, 1)
+    first = await b.presence.members(org, "chat.big", 3)
+    assert conns(first.members) == members[:3]
