@@ -243,6 +243,7 @@ _RULES: dict[str, _Rule] = {
     "presence.ttl": _seconds(),
     "api.rate_per_org": _number(0, inclusive=False),
     "api.max_body_bytes": _int(1),
+    "presence.max_members": _int(1),
     "log.level": _choice(LOG_LEVELS),
     "log.format": _choice(LOG_FORMATS),
     "defaults.history_size": _int(0),

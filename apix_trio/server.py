@@ -11,6 +11,8 @@ serve(settings)
 │   │                    (delivery/groups.py, group_reader.py); releases their events on exit
 │   ├── directory keeper this node's connections in the cluster-wide directory
 │   │                    (gateway/directory.py); releases its node leases on exit
+│   ├── presence         node lease, reaper of dead nodes' members, leave writer
+│   │                    (delivery/presence.py); writes the queued leaves on exit
 │   └── http api         hypercorn: health, readiness, metrics, server API
 └── connections nursery  outlives the accept loop (graceful drain)
     ├── accept loop      trio.serve_listeners, handler nursery = connections nursery
@@ -139,6 +141,7 @@ async def serve(
             await services.start(hub.groups.run)
             await services.start(hub.slots.run)
             await services.start(hub.directory.run)
+            await services.start(hub.presence.run)
             async with trio.open_nursery() as connections:
                 listeners = await _open_listeners(
                     settings.server.host, settings.server.ws_port, reuse_port=reuse_port

@@ -90,6 +90,7 @@ class SessionSettings:
 @attrs.frozen
 class PresenceSettings:
     ttl: float = 30.0
+    max_members: int = 10000
 
 
 @attrs.frozen

@@ -254,6 +254,33 @@ def test_bad_perms(keys: dict[str, Pair], perms: Any) -> None:
     assert refused(make_verifier(keys["a"].public), bad).reason == "bad_perms"
 
 
+def _info_of_size(size: int) -> dict[str, str]:
+    """An `info` object whose compact JSON is exactly `size` bytes."""
+    info = {"n": ""}
+    info["n"] = "x" * (size - len(orjson.dumps(info)))
+    assert len(orjson.dumps(info)) == size
+    return info
+
+
+def test_info_claim_up_to_1_kib_is_kept_as_compact_json(keys: dict[str, Pair]) -> None:
+    verifier = make_verifier(keys["a"].public)
+    largest = _info_of_size(1024)
+    identity = verifier.verify(sign(keys["a"], claims(info=largest)), now=NOW)
+    assert identity.info is not None and orjson.loads(identity.info) == largest
+    small = verifier.verify(sign(keys["a"], claims(info={"name": "Alice", "n": 1})), now=NOW)
+    assert small.info == '{"name":"Alice","n":1}'
+    assert verifier.verify(token(keys["a"]), now=NOW).info is None
+    assert verifier.verify(sign(keys["a"], claims(info=None)), now=NOW).info is None
+
+
+@pytest.mark.parametrize("info", [_info_of_size(1025), "alice", ["a"], 7, True])
+def test_info_claim_larger_than_1_kib_or_not_an_object_makes_the_token_invalid(
+    keys: dict[str, Pair], info: Any
+) -> None:
+    bad = sign(keys["a"], claims(info=info))
+    assert refused(make_verifier(keys["a"].public), bad).reason == "bad_info"
+
+
 def test_unknown_perm_kinds_are_ignored(keys: dict[str, Pair]) -> None:
     good = sign(keys["a"], claims(perms={"sub": ["a.*"], "presence": 3}))
     identity = make_verifier(keys["a"].public).verify(good, now=NOW)

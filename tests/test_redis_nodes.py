@@ -349,6 +349,9 @@ def check_key_space(
         # Escaped parts hold no braces or glob characters: the only brace pair
         # is the shard tag, and it comes first.
         assert not set(key) & set("*?[]\\ "), key
+        if parts[1] == "{presence}":  # node-level presence keys: the nodes' leases
+            assert parts[2:] == ["nodes"] or parts[2] == "idx", key
+            continue
         if parts[1].startswith("{"):
             assert parts[1][:2] == "{b" and parts[1][-1] == "}", key
             assert key.count("{") == key.count("}") == 1, key

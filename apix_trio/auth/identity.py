@@ -8,6 +8,8 @@ from typing import Any
 import attrs
 
 PERM_KINDS = ("sub", "pub", "state")
+MAX_INFO_BYTES = 1024
+"""The largest `info` claim, serialized (PROTOCOL.md: at most 1 KiB)."""
 
 
 def no_perms() -> dict[str, tuple[str, ...]]:
@@ -20,6 +22,8 @@ class Identity:
 
     `perms` always has the keys "sub", "pub" and "state" (empty tuples when
     the token grants nothing); `claims` is the whole verified payload.
+    `info` is the optional `info` claim as compact JSON text (an object of
+    at most `MAX_INFO_BYTES`), shown to others in presence; None when absent.
     """
 
     org: str
@@ -28,3 +32,4 @@ class Identity:
     roles: tuple[str, ...] = ()
     perms: Mapping[str, tuple[str, ...]] = attrs.field(factory=no_perms)
     claims: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
+    info: str | None = attrs.field(default=None, repr=False)

@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives import serialization
 from jwt.algorithms import HMACAlgorithm, get_default_algorithms
 
 from apix_trio.auth.devkeys import algorithm_for, ensure_dev_keys
-from apix_trio.auth.identity import PERM_KINDS, Identity, no_perms
+from apix_trio.auth.identity import MAX_INFO_BYTES, PERM_KINDS, Identity, no_perms
 from apix_trio.auth.permissions import BadPattern, parse_pattern
 from apix_trio.protocol.codes import CloseCode
 from apix_trio.settings import AuthSettings
@@ -89,6 +89,7 @@ class Reason(enum.StrEnum):
     BAD_ORG = "bad_org"
     BAD_ROLES = "bad_roles"
     BAD_PERMS = "bad_perms"
+    BAD_INFO = "bad_info"
     MISSING_CLAIM = "missing_claim"
 
 
@@ -384,6 +385,22 @@ def _perms(value: Any) -> dict[str, tuple[str, ...]]:
     return perms
 
 
+def _info(value: Any) -> str | None:
+    """The `info` claim as compact JSON text: an object of at most
+    MAX_INFO_BYTES serialized; null counts as absent (like `roles`)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise AuthError(Reason.BAD_INFO, "the 'info' claim is not a JSON object")
+    try:
+        text = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise AuthError(Reason.BAD_INFO, "the 'info' claim is nested too deeply") from None
+    if len(text) > MAX_INFO_BYTES:
+        raise AuthError(Reason.BAD_INFO, f"the 'info' claim is larger than {MAX_INFO_BYTES} bytes")
+    return text.decode()
+
+
 def _malformed() -> AuthError:
     return AuthError(Reason.MALFORMED, "the token is not a well-formed JWT")
 
@@ -538,7 +555,10 @@ class Verifier:
         if roles is None:
             raise AuthError(Reason.BAD_ROLES, "'roles' must be a list of strings")
         perms = _perms(claims.get("perms"))
-        return Identity(org=org, sub=sub, exp=int(exp), roles=roles, perms=perms, claims=claims)
+        info = _info(claims.get("info"))
+        return Identity(
+            org=org, sub=sub, exp=int(exp), roles=roles, perms=perms, claims=claims, info=info
+        )
 
     def _check_issuer_audience(self, claims: Mapping[str, Any]) -> None:
         if self._issuer:

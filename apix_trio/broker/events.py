@@ -42,6 +42,7 @@ from apix_trio.broker.directory import ConnectionDirectory
 from apix_trio.broker.groups import ConsumerGroups
 from apix_trio.broker.leases import ConnectionLeases
 from apix_trio.broker.model import ChannelInfo, Listener, Page, Published, Retention
+from apix_trio.broker.presence import PresenceStore
 from apix_trio.broker.sessions import SessionStore
 
 
@@ -118,6 +119,11 @@ class Broker(abc.ABC):
     def directory(self) -> ConnectionDirectory:
         """Every node's authenticated connections (`broker/directory.py`)."""
         raise NotImplementedError(f"{type(self).__name__} has no connection directory")
+
+    @property
+    def presence(self) -> PresenceStore:
+        """Channel presence on this broker (changes fan out like events)."""
+        raise NotImplementedError(f"{type(self).__name__} has no presence yet")
 
     @property
     def sessions(self) -> SessionStore:

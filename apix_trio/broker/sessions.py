@@ -49,6 +49,9 @@ class SessionRecord:
     channels: tuple[SessionChannel, ...] = ()
     epoch: int = 0
     """Incremented by every resume; see the module docstring (fencing)."""
+    conn: str = ""
+    """The id of the connection that saved the record last (a resume
+    removes that connection from presence: its successor joins instead)."""
 
 
 class SessionStore(abc.ABC):
@@ -89,7 +92,10 @@ def encode_record(record: SessionRecord) -> bytes:
         _drop_defaults({"c": c.channel, "p": c.position, "g": c.group, "r": c.presence})
         for c in record.channels
     ]
-    return orjson.dumps({"u": record.sub, "e": record.epoch, "ch": channels})
+    fields: dict[str, Any] = {"u": record.sub, "e": record.epoch, "ch": channels}
+    if record.conn:
+        fields["n"] = record.conn
+    return orjson.dumps(fields)
 
 
 def decode_record(session: str, data: bytes | str) -> SessionRecord | None:
@@ -107,7 +113,11 @@ def decode_record(session: str, data: bytes | str) -> SessionRecord | None:
             for item in raw["ch"]
         )
         return SessionRecord(
-            session=session, sub=str(raw["u"]), channels=channels, epoch=int(raw["e"])
+            session=session,
+            sub=str(raw["u"]),
+            channels=channels,
+            epoch=int(raw["e"]),
+            conn=str(raw.get("n", "")),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None

@@ -192,6 +192,11 @@ class EventOps:
         """Acknowledge group deliveries; returns `{"acked": n}`."""
         return await self.call("ack", channel=channel, group=group, ids=list(ids))
 
+    async def presence(self, channel: str, *, limit: int | None = None) -> Frame:
+        """Who is on `channel`: `{"members": [{"sub", "conn", "since", "info"?}...],
+        "total", "users"}`, at most `limit` members (server default 1000)."""
+        return await self.call("presence", channel=channel, **_given(limit=limit))
+
 
 class Client(EventOps):
     """One authenticated APIX connection; made by `open_client`, not directly.
@@ -319,17 +324,16 @@ class Client(EventOps):
         group: str | None = None,
         presence: bool | None = None,
     ) -> Frame:
-        """Subscribe; returns `{"channel", "position", "recovered", "replayed"}`.
-        Options left at None are not sent."""
+        """Subscribe; returns `{"channel", "position", "recovered", "replayed"}`
+        (plus `"presence": {"members", "total"}` with `presence=True`, after
+        which `presence` pushes arrive with the events). Options left at None
+        are not sent."""
         return await self.call(
             "subscribe", channel=channel, **_given(since=since, group=group, presence=presence)
         )
 
     async def unsubscribe(self, channel: str, *, group: str | None = None) -> Frame:
         return await self.call("unsubscribe", channel=channel, **_given(group=group))
-
-    async def presence(self, channel: str) -> Frame:
-        return await self.call("presence", channel=channel)
 
     async def state_get(self, key: str) -> Frame:
         return await self.call("state.get", key=key)

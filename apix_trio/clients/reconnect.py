@@ -18,7 +18,10 @@ with `Client.send_raw` under ids of the wrapper's own range, so their replies
 arrive through the same ordered stream as the events; the pump handles each
 reply where it stands in that stream. That is what puts a `Resync` right
 after the events a `since` replay delivered and before any live event of the
-channel.
+channel, and a `PresenceSnapshot` (the members as of a subscription with
+presence, also on every restore) before the `presence` pushes that follow
+it: an application that replaces its member list on each snapshot and
+applies the pushes stays right across reconnects.
 
 Exactly once per channel: the wrapper remembers, per channel, the id of the
 last event it handed to the application (`positions`). An event whose id is
@@ -81,6 +84,7 @@ __all__ = [
     "DEFAULT_BACKOFF_CAP",
     "DEFAULT_BUFFER",
     "Item",
+    "PresenceSnapshot",
     "ReconnectStatistics",
     "ReconnectingClient",
     "Resync",
@@ -123,7 +127,18 @@ class SubscriptionFailed:
     message: str
 
 
-Item: TypeAlias = Frame | Resync | SubscriptionFailed
+@attrs.frozen
+class PresenceSnapshot:
+    """Who is on `channel` as of a subscription with presence (the first one,
+    and every restore on reconnect): replace the member list with `members`;
+    the `presence` pushes that follow it in `events()` change this list."""
+
+    channel: str
+    members: list[Frame]
+    total: int
+
+
+Item: TypeAlias = Frame | Resync | SubscriptionFailed | PresenceSnapshot
 """What `events()` yields: push frames as the server sent them (`event`,
 `presence`, `state`, `token_expiring`, ...) and the wrapper's own notices."""
 
@@ -476,6 +491,16 @@ class ReconnectingClient(EventOps):
         channel, group = key
         if group is not None or key not in self._wanted:
             return
+        snapshot = result.get("presence")
+        if isinstance(snapshot, dict):
+            members = snapshot.get("members")
+            await self._send.send(
+                PresenceSnapshot(
+                    channel,
+                    members if isinstance(members, list) else [],
+                    int(snapshot.get("total", 0)),
+                )
+            )
         try:
             position = parse_id(str(result.get("position")))
         except BadStreamId:

@@ -80,4 +80,5 @@ def drop_subscription(conn: Connection, channel: str) -> bool:
         return False
     conn.hub.router.remove(conn.org, channel, subscription)
     conn.hub.metrics.subscriptions.dec()
+    conn.hub.presence.dropped(conn, channel)  # a leave, queued, if it was a member
     return True

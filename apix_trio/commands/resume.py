@@ -48,10 +48,10 @@ async def resume_session(conn: Connection, record: SessionRecord, resume: f.Resu
     module docstring), outside the op timeout."""
     conn.hub.sessions.adopt(conn, record, resume.positions)
     conn.log.info("resume", session=record.session, channels=len(record.channels))
-    return Later(functools.partial(_restore, conn))
+    return Later(functools.partial(_restore, conn, record.conn))
 
 
-async def _restore(conn: Connection) -> Then:
+async def _restore(conn: Connection, previous_conn: str) -> Then:
     keeper = conn.hub.sessions
     # First write: takes the session over (fences off its previous holder).
     await keeper.save_now(conn, force=True)
@@ -59,6 +59,8 @@ async def _restore(conn: Connection) -> Then:
     go_live: list[Callable[[], Awaitable[None]]] = []
     for channel in keeper.carried(conn):
         since = None if channel.group is not None else channel.position
+        if channel.presence and previous_conn and previous_conn != conn.id:
+            await _evict(conn, channel.channel, previous_conn)
         command = f.Subscribe(0, channel.channel, since, channel.group, channel.presence)
         entry: dict[str, Any] = {"channel": channel.channel}
         if channel.group is not None:
@@ -90,6 +92,16 @@ async def _restore(conn: Connection) -> Then:
             await after()
 
     return Then({**conn.auth_result(resumed=True), "channels": results}, go_live_all)
+
+
+async def _evict(conn: Connection, channel: str, previous_conn: str) -> None:
+    """The session's previous connection leaves `channel`'s presence (if it
+    is still a member), so its successor's join follows its leave. On
+    backend trouble it leaves later: when it closes, or with its node."""
+    try:
+        await conn.hub.presence.evict(conn.org, channel, previous_conn)
+    except BrokerUnavailable as exc:
+        conn.log.warning("presence_evict_failed", channel=channel, error=str(exc))
 
 
 def _error(code: object, message: str) -> dict[str, str]:

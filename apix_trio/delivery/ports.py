@@ -80,6 +80,9 @@ class SessionConnection(Protocol):
     session: str
 
     @property
+    def id(self) -> str: ...
+
+    @property
     def org(self) -> str: ...
 
     @property

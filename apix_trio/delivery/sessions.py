@@ -185,7 +185,11 @@ class SessionKeeper:
             # A group keeps its own delivery state: no position to remember.
             channels[(channel, group)] = SessionChannel(channel, ZERO_TEXT, group=group)
         return SessionRecord(
-            conn.session, conn.sub, channels=tuple(channels.values()), epoch=tracked.epoch
+            conn.session,
+            conn.sub,
+            channels=tuple(channels.values()),
+            epoch=tracked.epoch,
+            conn=conn.id,
         )
 
     # -- resume ------------------------------------------------------------------

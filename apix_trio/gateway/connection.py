@@ -151,12 +151,13 @@ class Connection:
     def enqueue_event(
         self,
         frame: bytes,
-        ts: int,
+        ts: int | None,
         tracker: SentTracker | None = None,
         event_id: StreamId | None = None,
     ) -> None:
         """Send or queue an event frame; `tracker.sent_id` becomes `event_id`
-        once written."""
+        once written. `ts` None: not an event (a presence push), so it is
+        neither counted as delivered nor timed."""
         if not self._deliver(frame, ts, tracker, event_id):
             self._slow_consumer()
 
@@ -271,6 +272,7 @@ class Connection:
     def _cleanup(self) -> None:
         hub = self.hub
         hub.sessions.closed(self)  # before the subscriptions go: the final record
+        hub.presence.closed(self)  # queues a leave per presence channel
         for subscription in self.subscriptions.values():
             hub.router.remove(self.org, subscription.channel, subscription)
         hub.metrics.subscriptions.dec(len(self.subscriptions))

@@ -15,6 +15,7 @@ import attrs
 from apix_trio.auth.keys import Verifier
 from apix_trio.broker.events import Broker
 from apix_trio.delivery.groups import GroupManager
+from apix_trio.delivery.presence import PresenceService
 from apix_trio.delivery.sessions import SessionKeeper
 from apix_trio.gateway.control import CONTROL_CHANNEL, ControlChannel
 from apix_trio.gateway.directory import DirectoryKeeper
@@ -53,6 +54,7 @@ class Hub:
     sessions: SessionKeeper = attrs.field(default=None)
     groups: GroupManager = attrs.field(default=None)
     slots: ConnectionSlots = attrs.field(default=None)
+    presence: PresenceService = attrs.field(default=None)
     commands: CommandRunner = attrs.field(kw_only=True)
     directory: DirectoryKeeper = attrs.field(default=None, kw_only=True)
     control: ControlChannel = attrs.field(default=None, kw_only=True)
@@ -83,6 +85,8 @@ class Hub:
                 self.broker, self.registry, self.settings.server.node_id
             )
         self.router.handle_internal(CONTROL_CHANNEL, self.control.handle)
+        if self.presence is None:
+            self.presence = PresenceService(self)
         self.broker.set_listener(self.router.dispatch)
 
     def wall(self) -> float:

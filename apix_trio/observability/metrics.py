@@ -123,6 +123,19 @@ class Metrics:
         self.group_dead_letters = Counter(
             "apix_group_dead_letters", "Group events moved to <channel>.dlq", registry=r
         )
+        self.presence_members = Gauge(
+            "apix_presence_members",
+            "Presence memberships (connection, channel) held by this node",
+            registry=r,
+        )
+        self.presence_joins = Counter(
+            "apix_presence_joins", "Presence joins this node wrote", registry=r
+        )
+        self.presence_leaves = Counter(
+            "apix_presence_leaves",
+            "Presence leaves this node wrote (its own members' and reaped ones)",
+            registry=r,
+        )
         self.latency = LatencyHistogram()
         r.register(
             _HistogramCollector(

@@ -239,6 +239,11 @@ def _history(r: _Fields) -> f.Command:
     )
 
 
+def _presence(r: _Fields) -> f.Command:
+    limit = r.optional_int("limit", 1, f.MAX_PRESENCE_LIMIT)
+    return f.Presence(r.id, r.channel(), f.DEFAULT_PRESENCE_LIMIT if limit is None else limit)
+
+
 def _state_set(r: _Fields) -> f.Command:
     return f.StateSet(
         r.id, r.state_key(), r.json_text("value"), r.optional_int("version", 0, INT64_MAX)
@@ -262,7 +267,7 @@ _DECODERS: dict[str, Callable[[_Fields], f.Command]] = {
     f.Publish.op: _publish,
     f.History.op: _history,
     f.Ack.op: lambda r: f.Ack(r.id, r.channel(), r.group(), r.ack_ids()),
-    f.Presence.op: lambda r: f.Presence(r.id, r.channel()),
+    f.Presence.op: _presence,
     f.StateGet.op: lambda r: f.StateGet(r.id, r.state_key()),
     f.StateSet.op: _state_set,
     f.StatePatch.op: _state_patch,

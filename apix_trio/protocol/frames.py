@@ -22,6 +22,8 @@ import attrs
 DEFAULT_HISTORY_LIMIT = 100
 MAX_HISTORY_LIMIT = 1000
 MAX_ACK_IDS = 1000
+DEFAULT_PRESENCE_LIMIT = 1000
+MAX_PRESENCE_LIMIT = 10000
 
 
 @attrs.frozen
@@ -98,6 +100,7 @@ class Presence:
     op: ClassVar[str] = "presence"
     id: int
     channel: str
+    limit: int = DEFAULT_PRESENCE_LIMIT
 
 
 @attrs.frozen

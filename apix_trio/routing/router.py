@@ -11,9 +11,15 @@ connection, and everybody else is unaffected.
 
 An event for a channel nobody here watches costs one dict lookup.
 
-Internal channels (names starting with `$`, which no client can use, such
-as the control channel of admin disconnects) are handed to the handler
-registered with `handle_internal` instead of to subscribers.
+Internal channels (names starting with `$`, which no client can use) come
+in two kinds. A channel with a handler registered by `handle_internal` (the
+control channel of admin disconnects) is handed to that handler, once per
+event, when no subscriber is registered. Pseudo-channels with subscribers
+(e.g. `$presence.<channel>`) travel the same way as events, in the same
+order, but their frames are not event pushes: the router builds the frame
+once with the encoder registered for the name's first token
+(`set_internal_encoder("$presence", ...)`), or offers an empty frame when
+there is none (the subscribers then build their own).
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ from apix_trio.protocol.codec import encode_event_push_bytes
 from apix_trio.protocol.event import Event
 from apix_trio.protocol.ids import StreamId, parse_id
 from apix_trio.protocol.wire import text_frame
+
+INTERNAL_PREFIX = "$"
+"""Channels starting with this are internal (see the module docstring)."""
+
+InternalEncoder = Callable[[str, Event], bytes]
+"""`encoder(pseudo_channel, event)` -> the JSON bytes of the push to send."""
 
 
 class Subscriber(Protocol):
@@ -54,13 +66,14 @@ class Router:
         self._count = 0
         self._dispatched = 0
         self._encoded = 0
-        self._internal: dict[str, InternalHandler] = {}
+        self._handlers: dict[str, InternalHandler] = {}
+        self._encoders: dict[str, InternalEncoder] = {}
 
     def handle_internal(self, channel: str, handler: InternalHandler) -> None:
         """Send the events of internal `channel` (it starts with `$`) to `handler`."""
         if not channel.startswith("$"):
             raise ValueError(f"internal channel names start with '$', not {channel!r}")
-        self._internal[channel] = handler
+        self._handlers[channel] = handler
 
     def subscriber_count(self, org: str, channel: str) -> int:
         """Local subscribers of (org, channel)."""
@@ -68,7 +81,16 @@ class Router:
 
     def channels_of(self, org: str) -> list[str]:
         """Channels of `org` with local subscribers (a scan: for admin reads)."""
-        return [channel for owner, channel in self._subscribers if owner == org]
+        return [
+            channel
+            for owner, channel in self._subscribers
+            if owner == org and not channel.startswith(INTERNAL_PREFIX)
+        ]
+
+    def set_internal_encoder(self, kind: str, encoder: InternalEncoder) -> None:
+        """Build the frames of pseudo-channels `<kind>.<...>` with `encoder`
+        (`kind` includes the `$`, e.g. "$presence")."""
+        self._encoders[kind] = encoder
 
     def add(self, org: str, channel: str, subscriber: Subscriber) -> None:
         bucket = self._subscribers.setdefault((org, channel), {})
@@ -94,12 +116,16 @@ class Router:
         bucket = self._subscribers.get((org, channel))
         if not bucket:
             if channel[:1] == "$":
-                handler = self._internal.get(channel)
+                handler = self._handlers.get(channel)
                 if handler is not None:
                     handler(org, event)
             return
         self._encoded += 1
-        frame = text_frame(encode_event_push_bytes(channel, event))
+        if channel.startswith(INTERNAL_PREFIX):
+            encoder = self._encoders.get(channel.partition(".")[0])
+            frame = b"" if encoder is None else text_frame(encoder(channel, event))
+        else:
+            frame = text_frame(encode_event_push_bytes(channel, event))
         event_id = parse_id(event.id)
         # A subscriber may unsubscribe itself (slow consumer) while we iterate.
         for subscriber in list(bucket.values()):

@@ -73,7 +73,7 @@ class EventSink(Protocol):
     def enqueue_event(
         self,
         frame: bytes,
-        ts: int,
+        ts: int | None,
         tracker: SentTracker | None = None,
         event_id: StreamId | None = None,
     ) -> None: ...
@@ -115,6 +115,8 @@ class ChannelSubscription:
         self.positioned = False
         """True once `sent_id` means something (`start` set the starting point)."""
         self.live = False
+        self.presence = False
+        """Subscribed with `presence: true` (kept in the session record)."""
         self._pending: list[tuple[StreamId, Event, bytes]] = []
         self._overflowed = False
 

@@ -59,6 +59,7 @@ from apix_trio.broker.events import Broker
 from apix_trio.broker.leases import MemoryLeases
 from apix_trio.broker.memory.directory import MemoryDirectory
 from apix_trio.broker.memory.groups import MemoryGroups
+from apix_trio.broker.memory.presence import MemoryPresence
 from apix_trio.broker.memory.sessions import MemorySessionStore
 from apix_trio.broker.model import (
     TOMBSTONE_GRACE,
@@ -194,6 +195,7 @@ class MemoryBroker(Broker):
         self._groups = MemoryGroups(self)
         self._leases = MemoryLeases(wall_clock)
         self._directory = MemoryDirectory(wall_clock)
+        self._presence = MemoryPresence(self._fan_out, wall_clock)
 
     @property
     def groups(self) -> MemoryGroups:
@@ -209,6 +211,15 @@ class MemoryBroker(Broker):
     def directory(self) -> MemoryDirectory:
         """The connection directory, in memory, on the broker's wall clock."""
         return self._directory
+
+    @property
+    def presence(self) -> MemoryPresence:
+        """Channel presence, in memory; changes go to the listener (`memory/presence.py`)."""
+        return self._presence
+
+    def _fan_out(self, org: str, channel: str, event: Event) -> None:
+        if self._listener is not None:
+            self._listener(org, channel, event)
 
     @property
     def sessions(self) -> MemorySessionStore:

@@ -58,6 +58,7 @@ from apix_trio.broker.redis.groups import RedisGroups
 from apix_trio.broker.redis.keys import KeyLayout, escape
 from apix_trio.broker.redis.leases import RedisLeases
 from apix_trio.broker.redis.listing import list_channels
+from apix_trio.broker.redis.presence import RedisPresence
 from apix_trio.broker.redis.scripts import PUBLISH, READ
 from apix_trio.broker.redis.sessions import RedisSessionStore
 from apix_trio.broker.redis.support import BACKEND_ERRORS, RedisTuning, cross
@@ -139,6 +140,11 @@ class RedisBroker(Broker):
     def directory(self) -> RedisDirectory:
         """The connection directory of every node (`directory`)."""
         return RedisDirectory(self.scripts, self._layout)
+
+    @functools.cached_property
+    def presence(self) -> RedisPresence:
+        """Channel presence; changes go out on the bus (`presence`)."""
+        return RedisPresence(self.scripts, self._layout, self._tuning.bus_maxlen)
 
     @property
     def sessions(self) -> RedisSessionStore:

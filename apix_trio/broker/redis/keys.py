@@ -11,10 +11,20 @@ then (for per-org data) the org:
     <prefix>:{b<shard>}:<org>:r:<channel>        redrive cursors of the channel's groups
     <prefix>:{o:<org>}:dir:conns                 connection directory: conn -> record
     <prefix>:{o:<org>}:dir:nodes                 connection directory: node leases
+    <prefix>:{b<shard>}:<org>:p:<channel>        presence members: conn -> member JSON
+    <prefix>:{b<shard>}:<org>:po:<channel>       presence join order: conn, scored by join number
+    <prefix>:{b<shard>}:<org>:pn:<channel>       presence nodes: conn -> node incarnation
+    <prefix>:{b<shard>}:<org>:pu:<channel>       presence users: sub -> members with that sub
+    <prefix>:{b<shard>}:<org>:pm:<channel>       presence meta: last position, join counter
+    <prefix>:{presence}:nodes                    presence node leases (zset, scored by expiry)
+    <prefix>:{presence}:idx:<node>               channels where a node may hold members
 
 `shard` is a stable hash (crc32) of (org, channel) modulo `bus_shards`, so a
 channel, its meta, its idempotency records and its bus shard share one hash
-slot, and the publish script touches one slot (Redis Cluster safe).
+slot, and the publish script touches one slot (Redis Cluster safe). A
+channel's presence keys sit in the slot of its pseudo-channel
+`$presence.<channel>` (`broker.presence`), whose changes go out on that
+slot's bus shard. The node-level presence keys share the `{presence}` tag.
 
 Client-chosen parts (org, channel, idempotency key) are escaped with `escape`:
 every character outside `[A-Za-z0-9_.@-]` becomes `%XX` per UTF-8 byte. After
@@ -36,6 +46,8 @@ import string
 import zlib
 
 import attrs
+
+from apix_trio.broker.presence import PRESENCE_PREFIX
 
 _SAFE = frozenset(string.ascii_letters + string.digits + "_.@-")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.@-]")
@@ -95,6 +107,20 @@ class ChannelKeys:
 
 
 @attrs.frozen
+class PresenceKeys:
+    """The presence keys of one channel (all in the slot of its pseudo-channel)."""
+
+    shard: int
+    members: str
+    order: str
+    nodes: str
+    users: str
+    meta: str
+    bus: str
+    bus_seq: str
+
+
+@attrs.frozen
 class KeyLayout:
     prefix: str
     bus_shards: int
@@ -123,6 +149,30 @@ class KeyLayout:
             bus_seq=self.bus_seq(shard),
             key_base=f"{base}:k:{name}:",
         )
+
+    def presence(self, org: str, channel: str) -> PresenceKeys:
+        """`channel`'s presence keys, in the slot of `$presence.<channel>`."""
+        shard = self.shard_of(org, PRESENCE_PREFIX + channel)
+        base = f"{self.tag(shard)}:{escape(org)}"
+        name = escape(channel)
+        return PresenceKeys(
+            shard=shard,
+            members=f"{base}:p:{name}",
+            order=f"{base}:po:{name}",
+            nodes=f"{base}:pn:{name}",
+            users=f"{base}:pu:{name}",
+            meta=f"{base}:pm:{name}",
+            bus=self.bus(shard),
+            bus_seq=self.bus_seq(shard),
+        )
+
+    def presence_nodes(self) -> str:
+        """The zset of presence node leases (node-level, no org)."""
+        return f"{self.prefix}:{{presence}}:nodes"
+
+    def presence_index(self, node: str) -> str:
+        """The set of `[org, channel]` where node incarnation `node` may hold members."""
+        return f"{self.prefix}:{{presence}}:idx:{escape(node)}"
 
     def bus(self, shard: int) -> str:
         return f"{self.tag(shard)}:bus"
