@@ -352,6 +352,10 @@ def check_key_space(
         if parts[1] == "{presence}":  # node-level presence keys: the nodes' leases
             assert parts[2:] == ["nodes"] or parts[2] == "idx", key
             continue
+        if parts[1] == "{o":  # the org's connection directory: apix:{o:<org>}:dir:<what>
+            assert parts[2].endswith("}") and parts[3:] in (["dir", "conns"], ["dir", "nodes"]), key
+            assert parts[2][:-1] in by_org, f"{key}: no such org"
+            continue
         if parts[1].startswith("{"):
             assert parts[1][:2] == "{b" and parts[1][-1] == "}", key
             assert key.count("{") == key.count("}") == 1, key
