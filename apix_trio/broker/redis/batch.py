@@ -50,13 +50,14 @@ import trio
 from apix_trio.broker.model import BrokerUnavailable
 from apix_trio.broker.redis.resp import RedisConnection, ReplyError, open_connection, parse_url
 from apix_trio.broker.redis.scripts import SCRIPTS, Script
-from apix_trio.broker.redis.support import RedisTuning, backoff_delay, pack_command
+from apix_trio.broker.redis.support import RedisTuning, backoff_delay, pack_command, pack_words
 from apix_trio.observability.logs import get_logger
 
 log = get_logger(__name__)
 
 CLOSED = "the Redis broker is closed"
 _PING = pack_command(b"PING")
+_HEAD_CACHE_SIZE = 65_536
 
 
 @attrs.define(eq=False, slots=True)
@@ -131,7 +132,11 @@ class ScriptBatcher:
         self._sent = trio.Event()
         self._slot = trio.Event()
         self._to_load: dict[str, Script] = {}
+        self._heads: dict[tuple[bytes, tuple[bytes, ...]], bytes] = {}
         self._closed = False
+        self._late = f"redis did not answer within {timeout:g} s"
+        self._connection_scope: trio.CancelScope | None = None
+        self._connection_error: str | None = None
         self._batches = 0
         self._calls = 0
         self._unavailable = 0
@@ -154,7 +159,14 @@ class ScriptBatcher:
         `operation_timeout`, when Redis answers with an error, or when a
         write was acknowledged by fewer than `publish_wait_replicas` replicas.
         """
-        command = pack_command(b"EVALSHA", script.sha_bytes, b"%d" % len(keys), *keys, *args)
+        # `EVALSHA sha n keys...` is packed once per script and keys (a channel's)
+        head = self._heads.get((script.sha_bytes, keys))
+        if head is None:
+            if len(self._heads) >= _HEAD_CACHE_SIZE:
+                self._heads.clear()
+            head = pack_words((b"EVALSHA", script.sha_bytes, b"%d" % len(keys), *keys))
+            self._heads[script.sha_bytes, keys] = head
+        command = b"*%d\r\n%s%s" % (3 + len(keys) + len(args), head, pack_words(args))
         call = _Call(script, command, write, trio.current_time() + self._timeout)
         return await self._execute(call)
 
@@ -162,19 +174,22 @@ class ScriptBatcher:
         if self._closed:
             self._unavailable += 1
             raise BrokerUnavailable(CLOSED)
-        try:
+        queue = self._queue
+        if len(queue) >= self._tuning.queue_size:  # rare: wait for room, within the deadline
             with trio.move_on_at(call.deadline):
-                while len(self._queue) >= self._tuning.queue_size:
+                while len(queue) >= self._tuning.queue_size:
                     await self._room.park()
-                self._queue.append(call)
-                self._work.set()
+            if len(queue) >= self._tuning.queue_size:
+                call.fail(self._late)
+        if not call.done.is_set():
+            queue.append(call)
+            self._work.set()
+            # No cancel scope per call: `_expire` fails every call at its deadline.
+            try:
                 await call.done.wait()
-        finally:
-            # Not sent yet: the writer skips it. Sent: its outcome is unknown.
-            call.abandoned = not call.done.is_set()
-        if call.abandoned:
-            self._unavailable += 1
-            raise BrokerUnavailable(f"redis did not answer within {self._timeout:g} s")
+            finally:
+                # Not sent yet: the writer skips it. Sent: its outcome is unknown.
+                call.abandoned = not call.done.is_set()
         if call.error is not None:
             self._unavailable += 1
             raise BrokerUnavailable(call.error)
@@ -190,12 +205,18 @@ class ScriptBatcher:
     # -- the pipeline ---------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect when there is work, pipeline it, reconnect after a failure.
+        """Connect when there is work, pipeline it, reconnect after a failure;
+        fail every call at its deadline.
 
         Resource handling: owns the connection; on exit (cancelled) closes it
         and fails every call still on it.
         """
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._expire)
+            task_status.started()
+            await self._connect_and_pipeline()
+
+    async def _connect_and_pipeline(self) -> None:
         while not self._closed:
             if not self._queue:
                 self._work = trio.Event()
@@ -218,7 +239,8 @@ class ScriptBatcher:
                 self._fail_in_flight(CLOSED if self._closed else "redis connection lost")
 
     async def _run_connection(self, connection: RedisConnection) -> None:
-        """Writer and reader on one connection until either fails (raised)."""
+        """Writer and reader on one connection until either fails or `_expire`
+        drops it (raised as BrokerUnavailable)."""
         failure: list[BrokerUnavailable] = []
 
         async def guarded(loop: Any, scope: trio.CancelScope) -> None:
@@ -228,11 +250,39 @@ class ScriptBatcher:
                 failure.append(exc)
                 scope.cancel()
 
+        self._connection_error = None
         async with trio.open_nursery() as nursery:
+            self._connection_scope = nursery.cancel_scope
             nursery.start_soon(guarded, self._write_batches, nursery.cancel_scope)
             nursery.start_soon(guarded, self._read_replies, nursery.cancel_scope)
+        self._connection_scope = None
         if failure:
             raise failure[0]
+        if self._connection_error is not None:
+            raise BrokerUnavailable(self._connection_error)
+
+    async def _expire(self) -> None:
+        """Fail each call at its deadline: queued ones one by one; when a
+        written batch is past its deadline unanswered, drop the connection
+        (every call on it fails; no late reply can be taken for another's)."""
+        queue, in_flight = self._queue, self._in_flight
+        idle = self._timeout / 4  # nothing due: look again after this long
+        while True:
+            now = trio.current_time()
+            while queue and (queue[0].deadline <= now or queue[0].done.is_set()):
+                late = queue.popleft()
+                late.fail(self._late)
+            if in_flight and in_flight[0].deadline <= now:
+                if self._connection_scope is not None:
+                    self._connection_error = self._late
+                    self._connection_scope.cancel()
+                self._fail_in_flight(self._late)
+            due = now + idle
+            if queue:
+                due = min(due, queue[0].deadline)
+            if in_flight:
+                due = min(due, in_flight[0].deadline)
+            await trio.sleep_until(due)
 
     async def _write_batches(self, connection: RedisConnection) -> None:
         queue, in_flight = self._queue, self._in_flight
@@ -285,15 +335,12 @@ class ScriptBatcher:
             batch = in_flight[0]
             expected = len(batch.calls) + batch.wait
             replies: list[Any] = []
-            with trio.move_on_at(batch.deadline):
-                while len(replies) < expected:
-                    reply = connection.reply_nowait()
-                    if reply is False:
-                        await connection.receive()
-                    else:
-                        replies.append(reply)
-            if len(replies) < expected:
-                raise BrokerUnavailable(f"redis did not answer within {self._timeout:g} s")
+            while len(replies) < expected:  # bounded by `_expire`
+                reply = connection.reply_nowait()
+                if reply is False:
+                    await connection.receive()
+                else:
+                    replies.append(reply)
             in_flight.popleft()
             self._slot.set()
             self._resolve(batch, replies)

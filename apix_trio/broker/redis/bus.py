@@ -50,7 +50,7 @@ import trio
 from apix_trio.broker.model import BrokerUnavailable, Listener
 from apix_trio.broker.redis.keys import KeyLayout
 from apix_trio.broker.redis.resp import RedisConnection, ReplyError, open_connection, parse_url
-from apix_trio.broker.redis.support import RedisTuning, backoff_delay, pack_command
+from apix_trio.broker.redis.support import RedisTuning, backoff_delay, pack_command, pack_words
 from apix_trio.observability.logs import get_logger
 from apix_trio.protocol import ids
 from apix_trio.protocol.event import Event
@@ -165,17 +165,19 @@ class BusReader:
                     await connection.aclose()
 
     async def _read_forever(self, connection: RedisConnection, shards: list[_Shard]) -> None:
-        by_name = {shard.name.encode(): shard for shard in shards}
+        by_name = {shard.name.encode(): (index, shard) for index, shard in enumerate(shards)}
         read_timeout = self._tuning.bus_block_ms / 1000 + self._timeout
-        head = [
+        # The command is packed once; only the positions of shards that moved change.
+        words = (
             b"XREAD", b"COUNT", b"%d" % self._tuning.bus_count,
             b"BLOCK", b"%d" % self._tuning.bus_block_ms, b"STREAMS", *self._encoded_names,
-        ]  # fmt: skip
+        )  # fmt: skip
+        head = b"*%d\r\n%s" % (len(words) + len(shards), pack_words(words))
+        positions = [pack_words((shard.position.encode(),)) for shard in shards]
         while True:
-            command = pack_command(*head, *(shard.position.encode() for shard in shards))
             reply: Any = False
             with trio.move_on_after(read_timeout):
-                await connection.send(command)
+                await connection.send(head + b"".join(positions))
                 reply = await connection.read_reply()
             if reply is False:
                 raise BrokerUnavailable(f"redis bus read: no answer within {read_timeout:g} s")
@@ -184,11 +186,13 @@ class BusReader:
             self._reads += 1
             self.ok = True
             for name, entries in reply or ():
-                shard = by_name[name]
+                index, shard = by_name[name]
                 for entry_id, fields in entries:
                     self._handle(shard, entry_id, fields)
                 if entries:
-                    shard.position = entries[-1][0].decode()
+                    last = entries[-1][0]
+                    shard.position = last.decode()
+                    positions[index] = pack_words((last,))
 
     def _handle(self, shard: _Shard, entry_id: bytes, fields: list[bytes]) -> None:
         try:

@@ -80,6 +80,8 @@ class _EncodedKeys:
     """stream, meta"""
     key_base: bytes
     """+ escaped idempotency key"""
+    org: bytes
+    channel: bytes
 
 
 _KEY_CACHE_SIZE = 65_536
@@ -112,6 +114,7 @@ class RedisBroker(Broker):
         self._tuning = tuning
         self._bus_maxlen = b"%d" % tuning.bus_maxlen
         self._key_cache: dict[tuple[str, str], _EncodedKeys] = {}
+        self._retention_cache: dict[Retention, tuple[bytes, ...]] = {}
         self.scripts = ScriptBatcher(
             broker.redis_url, self._timeout, broker.publish_wait_replicas, tuning
         )
@@ -171,16 +174,12 @@ class RedisBroker(Broker):
         # Encoded here so that text Redis cannot take (lone surrogates) fails
         # this caller alone, with UnicodeEncodeError, before it is queued.
         args = (
-            org.encode(),
-            channel.encode(),
+            keys.org,
+            keys.channel,
             data.encode(),
             sender.encode(),
-            (key or "").encode(),
-            b"%d" % max(0, retention.history_size),
-            b"%d" % _ms(retention.history_ttl),
-            b"%d" % _ms(retention.history_ttl + TOMBSTONE_GRACE),
-            b"%d" % (_ms(retention.dedupe_window) if retention.dedupe_window > 0 else 0),
-            self._bus_maxlen,
+            key.encode() if key is not None else b"",
+            *self._retention_args(retention),
         )
         reply = await self.scripts.call(PUBLISH, names, args, write=True)
         if isinstance(reply, list):
@@ -225,6 +224,22 @@ class RedisBroker(Broker):
         last, deleted, stored, entries = reply
         return last, deleted, int(stored), entries or []
 
+    def _retention_args(self, retention: Retention) -> tuple[bytes, ...]:
+        """The publish script's retention arguments (cached: few distinct ones)."""
+        found = self._retention_cache.get(retention)
+        if found is None:
+            if len(self._retention_cache) >= _KEY_CACHE_SIZE:
+                self._retention_cache.clear()
+            found = (
+                b"%d" % max(0, retention.history_size),
+                b"%d" % _ms(retention.history_ttl),
+                b"%d" % _ms(retention.history_ttl + TOMBSTONE_GRACE),
+                b"%d" % (_ms(retention.dedupe_window) if retention.dedupe_window > 0 else 0),
+                self._bus_maxlen,
+            )
+            self._retention_cache[retention] = found
+        return found
+
     def _keys(self, org: str, channel: str) -> _EncodedKeys:
         """The channel's keys, encoded (cached: escaping and hashing add up)."""
         found = self._key_cache.get((org, channel))
@@ -241,6 +256,8 @@ class RedisBroker(Broker):
                 ),
                 read=(keys.stream.encode(), keys.meta.encode()),
                 key_base=keys.key_base.encode(),
+                org=org.encode(),
+                channel=channel.encode(),
             )
             self._key_cache[org, channel] = found
         return found

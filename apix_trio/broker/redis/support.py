@@ -35,6 +35,12 @@ def pack_command(*args: bytes) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join([b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
 
 
+def pack_words(words: tuple[bytes, ...]) -> bytes:
+    """Part of a command: `words` as RESP bulk strings, without the `*N`
+    header (a command is `b"*%d\r\n" % total + part + part ...`)."""
+    return b"".join([b"$%d\r\n%s\r\n" % (len(w), w) for w in words])
+
+
 def backoff_delay(failures: int, base: float, cap: float) -> float:
     """Seconds to wait after the `failures`-th failure in a row (>= 1)."""
     if failures < 1:
