@@ -281,6 +281,7 @@ history_ttl = 3600
             for member in members:
                 member.tally = tally
             cpu0, start = cpu_seconds(node_a.pid), time.perf_counter()
+            others0 = time.process_time(), redis_cpu(redis_url), evalsha_calls(redis_url)
             async with trio.open_nursery() as nursery:
                 for member in members:
                     await member.call("subscribe", channel=CHANNEL, group=GROUP)
@@ -290,6 +291,9 @@ history_ttl = 3600
                 cpu = cpu_seconds(node_a.pid) - cpu0
                 results["backlog_rate"] = args.events / elapsed
                 results["backlog_cpu"] = cpu / elapsed
+                results["backlog_bench_cpu"] = (time.process_time() - others0[0]) / elapsed
+                results["backlog_redis_cpu"] = (redis_cpu(redis_url) - others0[1]) / elapsed
+                results["backlog_scripts"] = (evalsha_calls(redis_url) - others0[2]) / args.events
                 results["backlog_shares"] = sorted(m.acked for m in members)
 
                 # 2. live
@@ -374,7 +378,10 @@ def main() -> None:
     )
     print(
         f"backlog: {results['backlog_rate']:,.0f} acked events/s, node CPU "
-        f"{results['backlog_cpu']:.0%}, per member {results['backlog_shares']}"
+        f"{results['backlog_cpu']:.0%} (members, this process: "
+        f"{results['backlog_bench_cpu']:.0%}; Redis: {results['backlog_redis_cpu']:.0%}, "
+        f"{results['backlog_scripts']:.2f} script calls per event), "
+        f"per member {results['backlog_shares']}"
     )
     p50, p99 = results["live_latency_ms"]
     print(
@@ -388,6 +395,35 @@ def main() -> None:
             f"redelivery after a disconnect ({label}, {args.held} events, {args.rounds} rounds): "
             f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {worst:.1f} ms"
         )
+
+
+def redis_info(url: str, section: str) -> dict[str, str]:
+    """INFO `section` of the bench's redis-server, over a plain socket."""
+    import socket
+
+    host, _, rest = url.removeprefix("redis://").partition(":")
+    with socket.create_connection((host, int(rest.split("/")[0])), timeout=5) as sock:
+        sock.sendall(b"INFO %s\r\n" % section.encode())
+        data = sock.recv(65536)
+        size = int(data[1 : data.index(b"\r\n")])
+        while len(data) < size + len(str(size)) + 5:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return dict(line.split(":", 1) for line in data.decode().split("\r\n") if ":" in line)
+
+
+def redis_cpu(url: str) -> float:
+    """CPU seconds redis-server has used (INFO cpu)."""
+    fields = redis_info(url, "cpu")
+    return float(fields["used_cpu_user"]) + float(fields["used_cpu_sys"])
+
+
+def evalsha_calls(url: str) -> int:
+    """Script calls Redis has run (INFO commandstats)."""
+    text = redis_info(url, "commandstats").get("cmdstat_evalsha", "calls=0")
+    return int(text.split(",")[0].partition("=")[2])
 
 
 def _redis_version() -> str:

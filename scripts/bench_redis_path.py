@@ -21,7 +21,7 @@ and measures, through the real wire protocol:
 (d) for comparison, without the node: one trio task on a raw socket with
     hiredis' parser pipelining the broker's own PUBLISH script (EVALSHA,
     same keys and arguments) and plain XADD, 1 and 200 in flight, and
-    reading the bus back; and `RedisBroker` alone (trio-asyncio + redis-py)
+    reading the bus back; and `RedisBroker` alone (its own pipeline and bus reader)
     with 1 and `--pubs` publishing tasks.
 
 CPU placement (taskset, when there are at least 2 CPUs): the nodes on the
@@ -326,15 +326,15 @@ def evalsha_delta(before: dict[str, str], after: dict[str, str]) -> dict[str, fl
 LEAF_CATEGORIES = (  # first match wins: (category, substrings of a frame's file)
     ("trio-asyncio bridge", ("trio_asyncio/",)),
     ("asyncio event loop", ("asyncio/",)),
-    ("redis-py", ("redis/",)),
     ("apix_trio Redis adapter", ("apix_trio/broker/redis",)),
+    ("redis-py", ("site-packages/redis/",)),
     ("apix_trio (gateway, connection, router, ops)", ("apix_trio/",)),
     ("wsproto", ("wsproto/",)),
     ("trio (scheduler, sockets, channels)", ("trio/",)),
     ("structlog / logging", ("structlog/", "logging/")),
 )
 INCLUSIVE = (  # (what, substrings of any frame in the stack)
-    ("batch workers: publish round trips (redis/batch.py)", ("broker/redis/batch.py",)),
+    ("Redis pipeline: script round trips (redis/batch.py)", ("broker/redis/batch.py",)),
     ("bus reader: XREAD -> listener (redis/bus.py)", ("broker/redis/bus.py",)),
     ("inside the trio->asyncio crossing (aio_as_trio)", ("trio_asyncio/",)),
     ("connection reader + op worker (gateway/connection.py)", ("apix_trio/gateway/connection.py",)),
@@ -485,7 +485,7 @@ def baseline_child(port: int, seconds: float, depth: int) -> None:
 
 def broker_child(port: int, seconds: float, publishers: int) -> None:
     """Run in a child process pinned like the node: the Redis broker alone
-    (ScriptBatcher over trio-asyncio + redis-py, the bus reader fanning
+    (ScriptBatcher on the trio-native client, the bus reader fanning
     every event out to a no-op listener), `publishers` trio tasks
     publishing as fast as they can. Prints JSON."""
     import trio
@@ -742,6 +742,9 @@ def main() -> int:
     parser.add_argument("--no-taskset", action="store_true")
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument(
+        "--keep-profiles", type=Path, metavar="DIR", help="copy the raw py-spy stacks here"
+    )
+    parser.add_argument(
         "--attempts",
         type=int,
         default=1,
@@ -866,6 +869,30 @@ def main() -> int:
             print("   ", describe("    embedded broker", paced[f"{name}_memory"]))
         memory_node.stop()
         report["c_latency"] = paced
+        if not args.no_profile and shutil.which("py-spy"):
+            rate = round(best["publishes_per_s"] * 0.5)
+            print(f"(c') the half-max load ({rate}/s) under py-spy")
+            out = workdir / "profile-half.txt"
+            spy = Profiler(node.process.pid, args.duration, args.warmup + 1.0, out)
+            options = {"pubs": args.pubs, "window": 16, "channels": args.channels}
+            options |= {"subs": args.channels, "rate": rate}
+            try:
+                profiled = stack.run_loadgen(
+                    node, **options, **common, attempts=1, on_start=spy.start
+                )
+            finally:
+                spy.wait()
+            print("   ", describe("under py-spy", profiled))
+            if out.exists():
+                summary = summarise_profile(out)
+                report["c_profile"] = {"run": profiled, **summary}
+                for title in ("self_time_by_package_pct", "inclusive_pct"):
+                    print(f"    {title}:")
+                    for name, share in summary[title]:
+                        print(f"      {share:5.1f}%  {name}")
+                print("    top leaf frames:")
+                for name, share in summary["top_leaf_frames_pct"][:12]:
+                    print(f"      {share:5.1f}%  {name}")
 
         print("(d) for comparison, without the node and its WebSockets")
         native = {
@@ -875,7 +902,7 @@ def main() -> int:
             print(f"    trio socket + hiredis, {depth} in flight:", result)
         alone = {n: run_child(stack, "broker", args.duration, n) for n in (1, args.pubs)}
         for n, result in alone.items():
-            print(f"    RedisBroker alone (trio-asyncio + redis-py), {n} publishing tasks:", result)
+            print(f"    RedisBroker alone, {n} publishing tasks:", result)
         report["d_comparison"] = {"trio_hiredis": native, "broker_alone": alone}
 
         report["node_problems"] = node.problems()[:20]
@@ -887,6 +914,10 @@ def main() -> int:
         report["loadavg_after"] = os.getloadavg()
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
+        if args.keep_profiles:
+            args.keep_profiles.mkdir(parents=True, exist_ok=True)
+            for profile in workdir.glob("profile*.txt"):
+                shutil.copy(profile, args.keep_profiles / profile.name)
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -72,7 +72,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--publishers", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--workers", type=int, default=RedisTuning().batch_workers)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=RedisTuning().batch_workers,
+        help="unanswered batches on the pipeline (RedisTuning.batch_workers)",
+    )
     parser.add_argument("--channels", type=int, default=50)
     args = parser.parse_args()
     with throwaway_redis() as (redis_url, _directory):

@@ -22,8 +22,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def throwaway_redis(start_timeout: float = 10.0) -> Iterator[tuple[str, str]]:
-    """A redis-server without persistence on a free loopback port.
+def throwaway_redis(
+    start_timeout: float = 10.0, cpu: int | None = None
+) -> Iterator[tuple[str, str]]:
+    """A redis-server without persistence on a free loopback port (pinned to
+    `cpu` with taskset when given and available).
 
     Yields (url, its working directory); the server is terminated and the
     directory removed on exit. Raises OSError when it does not accept a
@@ -31,8 +34,9 @@ def throwaway_redis(start_timeout: float = 10.0) -> Iterator[tuple[str, str]]:
     """
     port = free_port()
     with tempfile.TemporaryDirectory() as directory:
+        pin = ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
         server = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(port),
+            [*pin, shutil.which("redis-server") or "redis-server", "--port", str(port),
              "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", directory],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip

@@ -257,6 +257,29 @@ async def test_refresh_same_identity_only(tmp_path):
         await client.close()
 
 
+async def test_refresh_drops_cached_permission_decisions(tmp_path):
+    """Decisions are cached per connection; a refreshed token's narrower (or
+    wider) perms apply to the very next op on the same channel."""
+    async with running_server(tmp_path) as kit:
+        client = await RawClient.open(kit.url)
+        token = kit.token("acme", "alice", pub=("news.*",), subs=("news.*",))
+        assert (await client.call("auth", token=token))["ok"]
+        for _ in range(2):  # the second time from the cache
+            assert (await client.call("publish", channel="news.a", data=1))["ok"]
+            assert (await client.call("history", channel="news.a", limit=1))["ok"]
+        narrower = kit.token("acme", "alice", pub=("other.*",), subs=("other.*",))
+        assert (await client.call("refresh", token=narrower))["ok"]
+        reply = await client.call("publish", channel="news.a", data=2)
+        assert reply["error"]["code"] == "forbidden"
+        reply = await client.call("history", channel="news.a", limit=1)
+        assert reply["error"]["code"] == "forbidden"
+        assert (await client.call("publish", channel="other.b", data=3))["ok"]
+        wider = kit.token("acme", "alice", pub=("news.*", "other.*"), subs=("news.*",))
+        assert (await client.call("refresh", token=wider))["ok"]
+        assert (await client.call("publish", channel="news.a", data=4))["ok"]
+        await client.close()
+
+
 async def test_rate_limit_reply_carries_retry_after(tmp_path):
     async with running_server(tmp_path, limits={"ops_per_second": 1.0}) as kit:
         client = await authed(kit)

@@ -196,6 +196,22 @@ async def test_ack_counts_only_what_was_pending(broker, org):
         assert await g.ack(org, "jobs", "nosuchgroup", [e[2]]) == 0
 
 
+async def test_ack_many_counts_each_list_as_if_acked_in_turn(broker, org):
+    b, _ = broker
+    g = b.groups
+    with trio.fail_after(TIMEOUT):
+        await g.join(org, "jobs", "w")
+        e = await publish(b, org, "jobs", 5)
+        await g.read_new(org, "jobs", "w", [(C1, 3), (C2, 2)])
+        counts = await g.ack_many(
+            org, "jobs", "w", [[e[0], e[1]], [e[1], e[2], e[2]], [], ["1-1"], [e[4]]]
+        )
+        assert counts == [2, 1, 0, 0, 1]  # e[1] counts for the first list only
+        assert list(await pending_map(g, org, "jobs", "w")) == [e[3]]
+        assert await g.ack_many(org, "jobs", "nosuchgroup", [[e[3]]]) == [0]
+        assert await g.ack_many(org, "jobs", "w", []) == []
+
+
 async def test_claim_moves_pending_events_and_counts_the_attempt(broker, org):
     b, _ = broker
     g = b.groups

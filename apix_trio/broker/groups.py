@@ -168,6 +168,15 @@ class ConsumerGroups(abc.ABC):
         them); returns how many were pending and are now acked."""
 
     @abc.abstractmethod
+    async def ack_many(
+        self, org: str, channel: str, group: str, batches: Sequence[Sequence[str]]
+    ) -> list[int]:
+        """`ack` of several id lists at once (one backend round trip): the
+        lists are acked one after the other, and each count is what `ack`
+        of that list alone would have returned at that point (an id in two
+        lists counts for the first)."""
+
+    @abc.abstractmethod
     async def pending(
         self, org: str, channel: str, group: str, consumer: str | None = None
     ) -> list[PendingEntry]:

@@ -14,7 +14,9 @@ many; its memberships are kept here, keyed by connection id.
 
 `ack` is group-wide (any event pending in the group counts, whoever holds
 it: a client that reconnected may ack what it processed before), but only a
-member may send it; the reply counts what the broker actually acked.
+member may send it; the reply counts what the broker actually acked. Acks
+are coalesced per group (`acks.AckBatcher`): everything the members acked
+in one tick, or while the previous batch was in flight, is one broker call.
 
 Shutdown: when the services are cancelled, every consumer of this node is
 released (bounded by `RELEASE_GRACE`, shielded), so the events members held
@@ -31,6 +33,7 @@ import attrs
 import trio
 
 from apix_trio.broker.model import BrokerUnavailable
+from apix_trio.delivery.acks import AckBatcher
 from apix_trio.delivery.group_reader import GroupKey, GroupReader, Member
 from apix_trio.delivery.ports import MemberConnection, NodeServices
 from apix_trio.observability.logs import get_logger
@@ -60,6 +63,7 @@ class GroupManager:
         self._readers: dict[GroupKey, GroupReader] = {}
         self._memberships: dict[str, dict[tuple[str, str], GroupKey]] = {}
         self._nursery: trio.Nursery | None = None
+        self.acks = AckBatcher(lambda: self.hub.broker.groups, self._acked)
 
     def consumer_name(self, conn: MemberConnection) -> str:
         return f"{self.hub.settings.server.node_id}:{conn.id}"
@@ -172,13 +176,17 @@ class GroupManager:
         """
         if not self.is_member(conn, channel, group):
             raise NotAMember(f"not a member of group {group} on {channel}")
-        key = (conn.org, channel, group)
-        acked = await self.hub.broker.groups.ack(*key, ids)
+        nursery = self._nursery
+        return await self.acks.ack(
+            (conn.org, channel, group), ids, nursery.start_soon if nursery is not None else None
+        )
+
+    def _acked(self, key: GroupKey, ids: list[str], count: int) -> None:
+        """A batch of acks went through: free the flights, count them."""
         reader = self._readers.get(key)
         if reader is not None:
-            reader.acked(list(ids))
-        self.hub.metrics.group_acks.inc(acked)
-        return acked
+            reader.acked(ids)
+        self.hub.metrics.group_acks.inc(count)
 
     def statistics(self) -> GroupStatistics:
         return GroupStatistics(

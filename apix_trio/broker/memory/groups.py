@@ -246,6 +246,12 @@ class MemoryGroups(ConsumerGroups):
         await trio.lowlevel.checkpoint()
         return self._ack(org, channel, group, ids)
 
+    async def ack_many(
+        self, org: str, channel: str, group: str, batches: Sequence[Sequence[str]]
+    ) -> list[int]:
+        await trio.lowlevel.checkpoint()
+        return [self._ack(org, channel, group, ids) for ids in batches]
+
     def _ack(self, org: str, channel: str, group: str, ids: Sequence[str]) -> int:
         state = self._groups.get((org, channel, group))
         if state is None:

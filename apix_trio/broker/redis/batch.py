@@ -1,74 +1,80 @@
-"""Script calls from many trio tasks, sent to Redis a batch at a time.
+"""Script calls from many trio tasks, pipelined to Redis on one connection.
 
 Theory of operation
 -------------------
-Crossing from trio into asyncio costs about as much as a small Redis command,
-and redis-py's per-command overhead is larger still, so calls are never sent
-one by one. `ScriptBatcher.call` packs one EVALSHA (RESP bytes) and queues it
-on a memory channel; each of `batch_workers` worker tasks takes whatever is
-queued (up to `max_batch`), crosses into asyncio once, writes the whole batch
-on one connection (plus one WAIT when `publish_wait_replicas` > 0 and the
-batch writes), reads every reply, and resolves each call with its own reply
-or error. Concurrent callers therefore share round trips: the busier the
-broker, the larger the batches.
+`ScriptBatcher.call` packs one EVALSHA (RESP bytes) and queues it. One
+task (`serve`) owns a connection (`resp.RedisConnection`, trio-native, hiredis
+parsing) and runs two loops on it:
 
-A batch that meets NOSCRIPT (Redis restarted without persistence, SCRIPT
-FLUSH) loads every script and reruns just those calls: a call that got
-NOSCRIPT did not run.
+- the writer takes whatever is queued (up to `max_batch` calls), writes it
+  in one `send_all` (plus one WAIT when `publish_wait_replicas` > 0 and the
+  batch writes) and goes on with the next batch *without waiting for the
+  replies*, as long as fewer than `batch_workers` batches are unanswered;
+- the reader reads the replies in order and resolves each call with its own
+  reply or error.
+
+Concurrent callers therefore share round trips (the busier the broker, the
+larger the batches) and a batch never waits for the previous one's replies:
+throughput is bounded by Redis and the socket, not by the round-trip cycle.
+There is no asyncio, no trio<->asyncio crossing and no per-reply timer.
+
+A call that meets NOSCRIPT (Redis restarted without persistence, SCRIPT
+FLUSH) did not run: the broker's scripts and the missing one are loaded
+(SCRIPT LOAD, ahead of everything else on the connection) and the call is
+queued again at the front, once.
 
 Timeouts: a caller waits at most `operation_timeout` from the moment it
 calls, queueing included; a call whose caller gave up before it was sent is
-dropped. The exchange itself is bounded on the trio side (`cross`): on
-timeout the asyncio task is cancelled and its connection is dropped, so no
-stale reply can reach the next batch. There is no redis-py socket timeout
-(an asyncio timer per reply costs more than the reply) and no redis-py
-retry (a resent publish could be stored twice).
+dropped. The connection is bounded as a whole: when the oldest unanswered
+batch has had no reply by its first call's deadline, the connection is
+dropped and every call still on it fails with BrokerUnavailable, so no stale
+reply can be taken for a later call's; the next call connects again.
 
-The health supervisor PINGs every `health_interval` while Redis answers and
-with capped exponential backoff while it does not; together with batch
-outcomes it drives `healthy`.
+The health supervisor PINGs every `health_interval` through the same
+pipeline while Redis answers, and with capped exponential backoff while it
+does not; together with batch outcomes it drives `healthy`.
+
+Resource handling: the connection belongs to `serve` and is closed when it
+ends (cancelled by the broker) or fails; calls queued or in flight then fail
+with BrokerUnavailable.
 """
 
 from __future__ import annotations
 
-import math
+import collections
 from typing import Any
 
 import attrs
-import redis.asyncio as aioredis
-import redis.exceptions as redis_errors
 import trio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from apix_trio.broker.model import BrokerUnavailable
+from apix_trio.broker.redis.resp import RedisConnection, ReplyError, open_connection, parse_url
 from apix_trio.broker.redis.scripts import SCRIPTS, Script
-from apix_trio.broker.redis.support import (
-    RedisTuning,
-    aio_close_client,
-    backoff_delay,
-    cross,
-    pack_command,
-)
+from apix_trio.broker.redis.support import RedisTuning, backoff_delay, pack_command, pack_words
 from apix_trio.observability.logs import get_logger
 
 log = get_logger(__name__)
 
 CLOSED = "the Redis broker is closed"
+_PING = pack_command(b"PING")
+_HEAD_CACHE_SIZE = 65_536
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, slots=True)
 class _Call:
-    """One script call waiting for its batch."""
+    """One command waiting for its reply."""
 
-    script: Script
+    script: Script | None
+    """None: a command of the batcher's own (PING, SCRIPT LOAD)."""
     command: bytes
     """`EVALSHA ...`, packed."""
     write: bool
+    deadline: float
     done: trio.Event = attrs.Factory(trio.Event)
     reply: Any = None
     error: str | None = None
     abandoned: bool = False
+    reloaded: bool = False
 
     def resolve(self, reply: Any) -> None:
         if not self.done.is_set():
@@ -81,22 +87,37 @@ class _Call:
             self.done.set()
 
 
+@attrs.define(eq=False, slots=True)
+class _Batch:
+    """Calls written together; their replies come in this order."""
+
+    calls: list[_Call]
+    wait: bool
+    """A WAIT follows the calls."""
+    deadline: float
+    """The earliest deadline of its calls: no reply by then drops the connection."""
+
+
 @attrs.frozen
 class BatchStatistics:
     queued: int
+    """Calls waiting to be written."""
     batches: int
+    """Round trips: batches of script calls written and answered."""
     calls: int
-    """Calls sent in those batches."""
+    """Script calls sent in those batches."""
     unavailable: int
     """Calls that ended in BrokerUnavailable (timeouts included)."""
+    in_flight: int = 0
+    """Batches written and not answered yet."""
 
 
 class ScriptBatcher:
-    """Runs EVALSHA calls for any number of trio tasks, batched."""
+    """Runs EVALSHA calls for any number of trio tasks, pipelined."""
 
     def __init__(self, url: str, timeout: float, wait_replicas: int, tuning: RedisTuning) -> None:
         self.healthy = False
-        self._url = url
+        self._address = parse_url(url)
         self._timeout = timeout
         self._wait_replicas = wait_replicas
         # WAIT gives up before the caller does, so a slow replica reads as
@@ -104,19 +125,29 @@ class ScriptBatcher:
         wait_ms = max(1, int(timeout * 1000 * 0.75))
         self._wait_command = pack_command(b"WAIT", b"%d" % wait_replicas, b"%d" % wait_ms)
         self._tuning = tuning
-        self._send, self._receive = trio.open_memory_channel[_Call](tuning.queue_size)
+        self._queue: collections.deque[_Call] = collections.deque()
+        self._room = trio.lowlevel.ParkingLot()
+        self._work = trio.Event()
+        self._in_flight: collections.deque[_Batch] = collections.deque()
+        self._sent = trio.Event()
+        self._slot = trio.Event()
+        self._to_load: dict[str, Script] = {}
+        self._heads: dict[tuple[bytes, tuple[bytes, ...]], bytes] = {}
+        self._closed = False
+        self._late = f"redis did not answer within {timeout:g} s"
+        self._connection_scope: trio.CancelScope | None = None
+        self._connection_error: str | None = None
         self._batches = 0
         self._calls = 0
         self._unavailable = 0
-        self._pool: aioredis.BlockingConnectionPool | None = None
-        self._client: aioredis.Redis | None = None
 
     def statistics(self) -> BatchStatistics:
         return BatchStatistics(
-            queued=self._receive.statistics().current_buffer_used,
+            queued=len(self._queue),
             batches=self._batches,
             calls=self._calls,
             unavailable=self._unavailable,
+            in_flight=len(self._in_flight),
         )
 
     async def call(
@@ -128,24 +159,37 @@ class ScriptBatcher:
         `operation_timeout`, when Redis answers with an error, or when a
         write was acknowledged by fewer than `publish_wait_replicas` replicas.
         """
-        command = pack_command(b"EVALSHA", script.sha_bytes, b"%d" % len(keys), *keys, *args)
-        call = _Call(script, command, write)
-        try:
-            with trio.move_on_after(self._timeout):
-                try:
-                    try:
-                        self._send.send_nowait(call)
-                    except trio.WouldBlock:
-                        await self._send.send(call)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    call.fail(CLOSED)
-                await call.done.wait()
-        finally:
-            # Not sent yet: the worker skips it. Sent: its outcome is unknown.
-            call.abandoned = not call.done.is_set()
-        if not call.done.is_set():
+        # `EVALSHA sha n keys...` is packed once per script and keys (a channel's)
+        head = self._heads.get((script.sha_bytes, keys))
+        if head is None:
+            if len(self._heads) >= _HEAD_CACHE_SIZE:
+                self._heads.clear()
+            head = pack_words((b"EVALSHA", script.sha_bytes, b"%d" % len(keys), *keys))
+            self._heads[script.sha_bytes, keys] = head
+        command = b"*%d\r\n%s%s" % (3 + len(keys) + len(args), head, pack_words(args))
+        call = _Call(script, command, write, trio.current_time() + self._timeout)
+        return await self._execute(call)
+
+    async def _execute(self, call: _Call) -> Any:
+        if self._closed:
             self._unavailable += 1
-            raise BrokerUnavailable(f"redis did not answer within {self._timeout:g} s")
+            raise BrokerUnavailable(CLOSED)
+        queue = self._queue
+        if len(queue) >= self._tuning.queue_size:  # rare: wait for room, within the deadline
+            with trio.move_on_at(call.deadline):
+                while len(queue) >= self._tuning.queue_size:
+                    await self._room.park()
+            if len(queue) >= self._tuning.queue_size:
+                call.fail(self._late)
+        if not call.done.is_set():
+            queue.append(call)
+            self._work.set()
+            # No cancel scope per call: `_expire` fails every call at its deadline.
+            try:
+                await call.done.wait()
+            finally:
+                # Not sent yet: the writer skips it. Sent: its outcome is unknown.
+                call.abandoned = not call.done.is_set()
         if call.error is not None:
             self._unavailable += 1
             raise BrokerUnavailable(call.error)
@@ -153,66 +197,211 @@ class ScriptBatcher:
 
     def close(self) -> None:
         """Stop taking calls; fail those still queued."""
-        self._send.close()
-        while True:
-            try:
-                call = self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                return
-            call.fail(CLOSED)
+        self._closed = True
+        while self._queue:
+            self._queue.popleft().fail(CLOSED)
+        self._room.unpark_all()
 
-    async def serve_batches(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """A worker: take whatever is queued, run it as one batch, repeat."""
-        task_status.started()
-        max_batch = self._tuning.max_batch
-        while True:
-            try:
-                batch = [await self._receive.receive()]
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                return
-            while len(batch) < max_batch:
-                try:
-                    batch.append(self._receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    break
-            batch = [call for call in batch if not call.abandoned]
-            if not batch:
+    # -- the pipeline ---------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect when there is work, pipeline it, reconnect after a failure;
+        fail every call at its deadline.
+
+        Resource handling: owns the connection; on exit (cancelled) closes it
+        and fails every call still on it.
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._expire)
+            task_status.started()
+            await self._connect_and_pipeline()
+
+    async def _connect_and_pipeline(self) -> None:
+        while not self._closed:
+            if not self._queue:
+                self._work = trio.Event()
+                await self._work.wait()
                 continue
+            connection: RedisConnection | None = None
             try:
-                await self._run_batch(batch)
-            except Exception as exc:
-                # A bug, not Redis trouble: fail this batch, keep serving.
-                log.exception("redis_batch_crashed")
-                for call in batch:
-                    call.fail(f"internal error in the Redis broker: {exc!r}")
+                with trio.move_on_after(self._timeout) as connecting:
+                    connection = await open_connection(self._address)
+                if connection is None or connecting.cancelled_caught:
+                    raise BrokerUnavailable(f"redis connect: no answer within {self._timeout:g} s")
+                await self._run_connection(connection)
+            except BrokerUnavailable as exc:
+                self._set_unhealthy(str(exc))
+                if connection is None:  # nothing was sent: fail what waited for it
+                    self._fail_queued(str(exc))
             finally:
-                for call in batch:  # cancelled mid-batch: the broker is closing
-                    call.fail(CLOSED)
+                if connection is not None:
+                    await connection.aclose()
+                self._fail_in_flight(CLOSED if self._closed else "redis connection lost")
 
-    async def _run_batch(self, batch: list[_Call]) -> None:
-        wait = self._wait_replicas > 0 and any(call.write for call in batch)
-        try:
-            outcomes = await cross("batch", self._aio_execute, batch, wait, within=self._timeout)
-        except BrokerUnavailable as exc:
-            self._set_unhealthy(str(exc))
-            for call in batch:
-                call.fail(str(exc))
-            return
-        self._batches += 1
-        self._calls += len(batch)
+    async def _run_connection(self, connection: RedisConnection) -> None:
+        """Writer and reader on one connection until either fails or `_expire`
+        drops it (raised as BrokerUnavailable)."""
+        failure: list[BrokerUnavailable] = []
+
+        async def guarded(loop: Any, scope: trio.CancelScope) -> None:
+            try:
+                await loop(connection)
+            except BrokerUnavailable as exc:
+                failure.append(exc)
+                scope.cancel()
+
+        self._connection_error = None
+        async with trio.open_nursery() as nursery:
+            self._connection_scope = nursery.cancel_scope
+            nursery.start_soon(guarded, self._write_batches, nursery.cancel_scope)
+            nursery.start_soon(guarded, self._read_replies, nursery.cancel_scope)
+        self._connection_scope = None
+        if failure:
+            raise failure[0]
+        if self._connection_error is not None:
+            raise BrokerUnavailable(self._connection_error)
+
+    async def _expire(self) -> None:
+        """Fail each call at its deadline: queued ones one by one; when a
+        written batch is past its deadline unanswered, drop the connection
+        (every call on it fails; no late reply can be taken for another's)."""
+        queue, in_flight = self._queue, self._in_flight
+        idle = self._timeout / 4  # nothing due: look again after this long
+        while True:
+            now = trio.current_time()
+            while queue and (queue[0].deadline <= now or queue[0].done.is_set()):
+                late = queue.popleft()
+                late.fail(self._late)
+            if in_flight and in_flight[0].deadline <= now:
+                if self._connection_scope is not None:
+                    self._connection_error = self._late
+                    self._connection_scope.cancel()
+                self._fail_in_flight(self._late)
+            due = now + idle
+            if queue:
+                due = min(due, queue[0].deadline)
+            if in_flight:
+                due = min(due, in_flight[0].deadline)
+            await trio.sleep_until(due)
+
+    async def _write_batches(self, connection: RedisConnection) -> None:
+        queue, in_flight = self._queue, self._in_flight
+        max_batch, depth = self._tuning.max_batch, self._tuning.batch_workers
+        while True:
+            while len(in_flight) >= depth:
+                self._slot = trio.Event()
+                await self._slot.wait()
+            batch: list[_Call] = []
+            if self._to_load:
+                batch = self._load_calls()
+            while queue and len(batch) < max_batch:
+                call = queue.popleft()
+                if not call.abandoned:
+                    batch.append(call)
+            if self._room.statistics().tasks_waiting:
+                self._room.unpark_all()
+            if not batch:
+                self._work = trio.Event()
+                await self._work.wait()
+                continue
+            if not in_flight and connection.readable_while_idle():
+                queue.extendleft(reversed(batch))  # not sent: they go out on the next connection
+                raise BrokerUnavailable("redis closed the idle connection")
+            wait = self._wait_replicas > 0 and any(call.write for call in batch)
+            commands = [call.command for call in batch]
+            if wait:
+                commands.append(self._wait_command)
+            in_flight.append(_Batch(batch, wait, min(call.deadline for call in batch)))
+            self._sent.set()
+            await connection.send(b"".join(commands))
+
+    def _load_calls(self) -> list[_Call]:
+        """SCRIPT LOAD of the broker's scripts and those that met NOSCRIPT."""
+        scripts = {script.sha: script for script in SCRIPTS}
+        scripts.update(self._to_load)
+        self._to_load = {}
+        deadline = trio.current_time() + self._timeout
+        return [
+            _Call(None, pack_command(b"SCRIPT", b"LOAD", script.source.encode()), False, deadline)
+            for script in scripts.values()
+        ]
+
+    async def _read_replies(self, connection: RedisConnection) -> None:
+        in_flight = self._in_flight
+        while True:
+            while not in_flight:
+                self._sent = trio.Event()
+                await self._sent.wait()
+            batch = in_flight[0]
+            expected = len(batch.calls) + batch.wait
+            replies: list[Any] = []
+            while len(replies) < expected:  # bounded by `_expire`
+                reply = connection.reply_nowait()
+                if reply is False:
+                    await connection.receive()
+                else:
+                    replies.append(reply)
+            in_flight.popleft()
+            self._slot.set()
+            self._resolve(batch, replies)
+
+    def _resolve(self, batch: _Batch, replies: list[Any]) -> None:
         self.healthy = True
-        for call, (reply, acked) in zip(batch, outcomes, strict=True):
-            if isinstance(reply, Exception):
-                call.fail(f"redis {call.script.name} failed: {reply}")
+        acked: int | None = None
+        if batch.wait:
+            waited = replies.pop()
+            acked = waited if isinstance(waited, int) else 0
+        again: list[_Call] = []
+        scripts = 0
+        for call, reply in zip(batch.calls, replies, strict=True):
+            script = call.script
+            if script is None:
+                if isinstance(reply, ReplyError):
+                    log.warning("redis_command_failed", error=str(reply))
+                call.resolve(reply)
+                continue
+            scripts += 1
+            if isinstance(reply, ReplyError):
+                if str(reply).startswith("NOSCRIPT") and not call.reloaded:
+                    call.reloaded = True  # it did not run: load, run once more
+                    self._to_load[script.sha] = script
+                    again.append(call)
+                else:
+                    call.fail(f"redis {script.name} failed: {reply}")
             elif call.write and acked is not None and acked < self._wait_replicas:
                 call.fail(f"only {acked} of {self._wait_replicas} replicas acknowledged the write")
             else:
                 call.resolve(reply)
+        if scripts:
+            self._batches += 1
+            self._calls += scripts
+        if again:
+            self._queue.extendleft(reversed(again))
+            self._work.set()
+
+    def _fail_queued(self, error: str) -> None:
+        while self._queue:
+            self._queue.popleft().fail(error)
+        self._room.unpark_all()
+
+    def _fail_in_flight(self, error: str) -> None:
+        while self._in_flight:
+            for call in self._in_flight.popleft().calls:
+                call.fail(error)
 
     def _set_unhealthy(self, reason: str) -> None:
         if self.healthy:
             log.warning("redis_unavailable", reason=reason)
         self.healthy = False
+
+    # -- health ---------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """One PING through the pipeline. Error handling: BrokerUnavailable."""
+        call = _Call(None, _PING, False, trio.current_time() + self._timeout)
+        reply = await self._execute(call)
+        if isinstance(reply, ReplyError):
+            raise BrokerUnavailable(f"redis PING failed: {reply}")
 
     async def serve_health(self, *, task_status: trio.TaskStatus[None]) -> None:
         """PING Redis forever; reports started after the first answer (or not)."""
@@ -220,13 +409,13 @@ class ScriptBatcher:
         started = False
         while True:
             try:
-                await cross("ping", self._aio_ping, within=self._timeout)
+                await self.ping()
             except BrokerUnavailable as exc:
                 self._set_unhealthy(str(exc))
                 failures += 1
                 delay = backoff_delay(failures, self._tuning.backoff_base, self._tuning.backoff_cap)
             else:
-                if not self.healthy:
+                if not self.healthy or failures:
                     log.info("redis_available", failures=failures)
                 self.healthy = True
                 failures = 0
@@ -235,74 +424,3 @@ class ScriptBatcher:
                 started = True
                 task_status.started()
             await trio.sleep(delay)
-
-    # -- the asyncio side (runs on the trio-asyncio loop) -----------------------
-
-    async def aio_open(self) -> None:
-        self._pool = aioredis.BlockingConnectionPool.from_url(
-            self._url,
-            max_connections=self._tuning.batch_workers + 2,
-            timeout=self._timeout,
-            socket_timeout=None,  # see the module docstring
-            socket_connect_timeout=self._timeout,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-            protocol=2,
-        )
-        self._client = aioredis.Redis(connection_pool=self._pool)
-
-    async def aio_close(self) -> None:
-        await aio_close_client(self._client, self._pool)
-
-    async def _aio_ping(self) -> None:
-        assert self._client is not None
-        await self._client.ping()
-
-    async def _aio_execute(self, batch: list[_Call], wait: bool) -> list[tuple[Any, int | None]]:
-        """Run the batch; rerun the calls that met NOSCRIPT (they did not run)."""
-        outcomes = await self._aio_exchange(batch, wait)
-        missing = [
-            i
-            for i, (reply, _) in enumerate(outcomes)
-            if isinstance(reply, redis_errors.NoScriptError)
-        ]
-        if missing:
-            assert self._client is not None
-            # Also the scripts of modules beside the broker's own (sessions, groups).
-            for script in dict.fromkeys([*SCRIPTS, *(batch[i].script for i in missing)]):
-                await self._client.script_load(script.source)
-            again = await self._aio_exchange([batch[i] for i in missing], wait)
-            for i, outcome in zip(missing, again, strict=True):
-                outcomes[i] = outcome
-        return outcomes
-
-    async def _aio_exchange(self, batch: list[_Call], wait: bool) -> list[tuple[Any, int | None]]:
-        """Write the batch at once and read every reply, on one connection.
-
-        Not redis-py's Pipeline: it packs each command in Python and arms an
-        asyncio timer per reply. A failed or cancelled exchange disconnects
-        the connection, so no reply is left behind for the next batch.
-        """
-        assert self._pool is not None
-        commands = [call.command for call in batch]
-        if wait:
-            commands.append(self._wait_command)
-        connection = await self._pool.get_connection()
-        try:
-            await connection.send_packed_command(commands, check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response(timeout=math.inf))
-                except redis_errors.ResponseError as error:  # this command's own error
-                    replies.append(error)
-        except BaseException:
-            await connection.disconnect(nowait=True)
-            raise
-        finally:
-            await self._pool.release(connection)
-        acked: int | None = None
-        if wait:
-            waited = replies.pop()
-            acked = waited if isinstance(waited, int) else 0
-        return [(reply, acked) for reply in replies]

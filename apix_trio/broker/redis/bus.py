@@ -32,7 +32,10 @@ Discontinuities are detected, not skipped silently:
 Both are logged as errors and counted (`BusStatistics.gaps`, `.resets`,
 `.lost`); see docs/redis.md for what an operator should do.
 
-The connection: socket timeout above the BLOCK time, no redis-py retries (a
+The connection is the reader's own (`resp.RedisConnection`, trio-native,
+hiredis parsing, replies left as bytes for orjson): each read is bounded by
+the BLOCK time plus `operation_timeout`; a read that fails or times out drops
+the connection, and the next attempt opens a new one. No silent retries (a
 retried XREAD is harmless, but a silent one hides outages from `ok`).
 """
 
@@ -42,14 +45,12 @@ from typing import Any
 
 import attrs
 import orjson
-import redis.asyncio as aioredis
 import trio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from apix_trio.broker.model import BrokerUnavailable, Listener
 from apix_trio.broker.redis.keys import KeyLayout
-from apix_trio.broker.redis.support import RedisTuning, aio_close_client, backoff_delay, cross
+from apix_trio.broker.redis.resp import RedisConnection, ReplyError, open_connection, parse_url
+from apix_trio.broker.redis.support import RedisTuning, backoff_delay, pack_command, pack_words
 from apix_trio.observability.logs import get_logger
 from apix_trio.protocol import ids
 from apix_trio.protocol.event import Event
@@ -88,12 +89,11 @@ class BusReader:
     def __init__(self, url: str, layout: KeyLayout, timeout: float, tuning: RedisTuning) -> None:
         self.listener: Listener | None = None
         self.ok = False
-        self._url = url
+        self._address = parse_url(url)
         self._names = layout.buses()
+        self._encoded_names = [name.encode() for name in self._names]
         self._timeout = timeout
         self._tuning = tuning
-        self._pool: aioredis.ConnectionPool | None = None
-        self._client: aioredis.Redis | None = None
         self._events = 0
         self._reads = 0
         self._failures = 0
@@ -113,13 +113,25 @@ class BusReader:
 
     async def serve(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Read the bus forever. Reports started once it knows where the bus
-        ends, or after the first failure to learn it."""
+        ends, or after the first failure to learn it.
+
+        Resource handling: owns its connection, closed after each failure
+        and when cancelled.
+        """
         shards: list[_Shard] | None = None
         failures = 0
         started = False
         while True:
+            connection: RedisConnection | None = None
+            tails: list[tuple[str, int | None]] | None = None
             try:
-                tails = await cross("bus positions", self._aio_tails, within=self._timeout)
+                with trio.move_on_after(self._timeout):
+                    connection = await open_connection(self._address, decode=False)
+                    tails = await self._tails(connection)
+                if connection is None or tails is None:
+                    raise BrokerUnavailable(
+                        f"redis bus positions: no answer within {self._timeout:g} s"
+                    )
                 if shards is None:
                     shards = [
                         _Shard(name, position, seq)
@@ -132,7 +144,7 @@ class BusReader:
                 if not started:
                     started = True
                     task_status.started()
-                await self._read_forever(shards)
+                await self._read_forever(connection, shards)
             except BrokerUnavailable as exc:
                 if self.ok or failures == 0:
                     log.warning("redis_bus_read_failed", error=str(exc))
@@ -142,31 +154,54 @@ class BusReader:
                 if not started:
                     started = True
                     task_status.started()
+                if connection is not None:
+                    await connection.aclose()
+                    connection = None
                 await trio.sleep(
                     backoff_delay(failures, self._tuning.backoff_base, self._tuning.backoff_cap)
                 )
+            finally:
+                if connection is not None:
+                    await connection.aclose()
 
-    async def _read_forever(self, shards: list[_Shard]) -> None:
-        by_name = {shard.name: shard for shard in shards}
+    async def _read_forever(self, connection: RedisConnection, shards: list[_Shard]) -> None:
+        by_name = {shard.name.encode(): (index, shard) for index, shard in enumerate(shards)}
         read_timeout = self._tuning.bus_block_ms / 1000 + self._timeout
+        # The command is packed once; only the positions of shards that moved change.
+        words = (
+            b"XREAD", b"COUNT", b"%d" % self._tuning.bus_count,
+            b"BLOCK", b"%d" % self._tuning.bus_block_ms, b"STREAMS", *self._encoded_names,
+        )  # fmt: skip
+        head = b"*%d\r\n%s" % (len(words) + len(shards), pack_words(words))
+        positions = [pack_words((shard.position.encode(),)) for shard in shards]
         while True:
-            positions = {shard.name: shard.position for shard in shards}
-            reply = await cross("bus read", self._aio_read, positions, within=read_timeout)
+            reply: Any = False
+            with trio.move_on_after(read_timeout):
+                await connection.send(head + b"".join(positions))
+                reply = await connection.read_reply()
+            if reply is False:
+                raise BrokerUnavailable(f"redis bus read: no answer within {read_timeout:g} s")
+            if isinstance(reply, ReplyError):
+                raise BrokerUnavailable(f"redis bus read failed: {reply}")
             self._reads += 1
             self.ok = True
-            for name, entries in reply:
-                shard = by_name[name.decode()]
+            for name, entries in reply or ():
+                index, shard = by_name[name]
                 for entry_id, fields in entries:
-                    self._handle(shard, entry_id.decode(), fields)
+                    self._handle(shard, entry_id, fields)
+                if entries:
+                    last = entries[-1][0]
+                    shard.position = last.decode()
+                    positions[index] = pack_words((last,))
 
-    def _handle(self, shard: _Shard, entry_id: str, fields: dict[bytes, bytes]) -> None:
-        shard.position = entry_id
+    def _handle(self, shard: _Shard, entry_id: bytes, fields: list[bytes]) -> None:
         try:
-            seq_text, org, channel, event_id, ts, sender, key, data = orjson.loads(fields[b"e"])
+            raw = fields[1] if fields[0] == b"e" else fields[fields.index(b"e", 0, -1) + 1]
+            seq_text, org, channel, event_id, ts, sender, key, data = orjson.loads(raw)
             seq = int(seq_text)
             event = Event(id=event_id, ts=int(ts), data=data, sender=sender, key=key)
-        except (KeyError, ValueError, TypeError):
-            log.error("redis_bus_bad_entry", shard=shard.name, entry=entry_id)
+        except (KeyError, ValueError, TypeError, IndexError):
+            log.error("redis_bus_bad_entry", shard=shard.name, entry=entry_id.decode())
             return
         previous, shard.seq = shard.seq, seq
         if previous is not None and seq != previous + 1:
@@ -201,48 +236,26 @@ class BusReader:
                 )
                 shard.position, shard.seq = tail, seq
 
-    # -- the asyncio side ------------------------------------------------------
-
-    async def aio_open(self) -> None:
-        self._pool = aioredis.ConnectionPool.from_url(
-            self._url,
-            max_connections=1,
-            socket_timeout=self._tuning.bus_block_ms / 1000 + self._timeout,
-            socket_connect_timeout=self._timeout,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=False,  # entries are decoded by orjson
-            protocol=2,
+    async def _tails(self, connection: RedisConnection) -> list[tuple[str, int | None]]:
+        """The last entry id and sequence of every shard (one pipelined round trip)."""
+        await connection.send(
+            b"".join(
+                pack_command(b"XREVRANGE", name, b"+", b"-", b"COUNT", b"1")
+                for name in self._encoded_names
+            )
         )
-        self._client = aioredis.Redis(connection_pool=self._pool)
-
-    async def aio_close(self) -> None:
-        await aio_close_client(self._client, self._pool)
-
-    async def _aio_tails(self) -> list[tuple[str, int | None]]:
-        """The last entry id and sequence of every shard."""
-        assert self._client is not None
-        async with self._client.pipeline(transaction=False) as pipe:
-            for name in self._names:
-                pipe.xrevrange(name, count=1)
-            replies = await pipe.execute()
         tails: list[tuple[str, int | None]] = []
-        for entries in replies:
+        for _ in self._encoded_names:
+            entries = await connection.read_reply()
+            if isinstance(entries, ReplyError):
+                raise BrokerUnavailable(f"redis bus positions failed: {entries}")
             if entries:
                 entry_id, fields = entries[0]
                 try:
-                    seq: int | None = int(orjson.loads(fields[b"e"])[0])
-                except (KeyError, ValueError, TypeError, IndexError):
+                    seq: int | None = int(orjson.loads(fields[1])[0])
+                except (ValueError, TypeError, IndexError):
                     seq = None
                 tails.append((entry_id.decode(), seq))
             else:
                 tails.append(_NO_ENTRY)
         return tails
-
-    async def _aio_read(self, positions: dict[str, str]) -> list[Any]:
-        assert self._client is not None
-        reply = await self._client.xread(
-            positions,  # type: ignore[arg-type]
-            count=self._tuning.bus_count,
-            block=self._tuning.bus_block_ms,
-        )
-        return list(reply or [])

@@ -2,16 +2,18 @@
 
 Theory of operation
 -------------------
-`open_redis_broker` opens its own trio-asyncio loop (redis-py is an asyncio
-library) and a nursery for the broker's tasks:
+`open_redis_broker` opens a nursery for the broker's tasks, all trio-native
+(`resp`: trio sockets, hiredis parsing; no asyncio):
 
     open_redis_broker
-    ├── health supervisor   PING; capped exponential backoff while Redis does
-    │                       not answer                     (batch.py)
-    ├── batch workers (N)   queued script calls -> one write + replies per
-    │                       batch -> each caller's own result (batch.py)
-    └── bus reader          one XREAD BLOCK over every bus shard -> the
-                            listener, per event, in order    (bus.py)
+    ├── health supervisor   PING through the pipeline; capped exponential
+    │                       backoff while Redis does not answer (batch.py)
+    ├── pipeline            queued script calls -> batches written back to
+    │                       back on one connection, replies read in order ->
+    │                       each caller's own result             (batch.py)
+    └── bus reader          one XREAD BLOCK over every bus shard on its own
+                            connection -> the listener, per event, in order
+                                                                 (bus.py)
 
 Every operation is one Lua script call (`scripts`) on the keys of one
 channel, all in one hash slot (`keys`): `publish` stores the event in
@@ -20,12 +22,12 @@ the idempotency record and appends a copy to the bus shard, atomically; the
 reads return the events and what `recovered` needs in the same round trip.
 This module turns Broker calls into script calls and replies into Events.
 
-Error handling: Redis and asyncio errors become `BrokerUnavailable` where
-trio calls into asyncio (`support.cross`); every call gives up after
+Error handling: transport failures and Redis errors become
+`BrokerUnavailable` in `resp` and `batch`; every call gives up after
 `broker.operation_timeout`. Caller mistakes (a malformed `since`, text with
 lone surrogates) raise ValueError subclasses before anything is sent.
 
-Resource handling: the loop, the nursery and both connection pools belong to
+Resource handling: the nursery and both connections belong to
 `open_redis_broker` and are closed when it exits; calls still queued or in
 flight then fail with `BrokerUnavailable`.
 """
@@ -34,13 +36,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
 import trio
-import trio_asyncio
 
 from apix_trio.broker.events import Broker
 from apix_trio.broker.model import (
@@ -61,7 +62,7 @@ from apix_trio.broker.redis.listing import list_channels
 from apix_trio.broker.redis.presence import RedisPresence
 from apix_trio.broker.redis.scripts import PUBLISH, READ
 from apix_trio.broker.redis.sessions import RedisSessionStore
-from apix_trio.broker.redis.support import BACKEND_ERRORS, RedisTuning, cross
+from apix_trio.broker.redis.support import RedisTuning
 from apix_trio.observability.logs import get_logger
 from apix_trio.protocol import ids
 from apix_trio.protocol.event import Event
@@ -89,6 +90,8 @@ class _EncodedKeys:
     """stream, meta"""
     key_base: bytes
     """+ escaped idempotency key"""
+    org: bytes
+    channel: bytes
 
 
 _KEY_CACHE_SIZE = 65_536
@@ -121,6 +124,7 @@ class RedisBroker(Broker):
         self._tuning = tuning
         self._bus_maxlen = b"%d" % tuning.bus_maxlen
         self._key_cache: dict[tuple[str, str], _EncodedKeys] = {}
+        self._retention_cache: dict[Retention, tuple[bytes, ...]] = {}
         self.scripts = ScriptBatcher(
             broker.redis_url, self._timeout, broker.publish_wait_replicas, tuning
         )
@@ -190,16 +194,12 @@ class RedisBroker(Broker):
         # Encoded here so that text Redis cannot take (lone surrogates) fails
         # this caller alone, with UnicodeEncodeError, before it is queued.
         args = (
-            org.encode(),
-            channel.encode(),
+            keys.org,
+            keys.channel,
             data.encode(),
             sender.encode(),
-            (key or "").encode(),
-            b"%d" % max(0, retention.history_size),
-            b"%d" % _ms(retention.history_ttl),
-            b"%d" % _ms(retention.history_ttl + TOMBSTONE_GRACE),
-            b"%d" % (_ms(retention.dedupe_window) if retention.dedupe_window > 0 else 0),
-            self._bus_maxlen,
+            key.encode() if key is not None else b"",
+            *self._retention_args(retention),
         )
         reply = await self.scripts.call(PUBLISH, names, args, write=True)
         if isinstance(reply, list):
@@ -248,6 +248,22 @@ class RedisBroker(Broker):
         last, deleted, stored, entries = reply
         return last, deleted, int(stored), entries or []
 
+    def _retention_args(self, retention: Retention) -> tuple[bytes, ...]:
+        """The publish script's retention arguments (cached: few distinct ones)."""
+        found = self._retention_cache.get(retention)
+        if found is None:
+            if len(self._retention_cache) >= _KEY_CACHE_SIZE:
+                self._retention_cache.clear()
+            found = (
+                b"%d" % max(0, retention.history_size),
+                b"%d" % _ms(retention.history_ttl),
+                b"%d" % _ms(retention.history_ttl + TOMBSTONE_GRACE),
+                b"%d" % (_ms(retention.dedupe_window) if retention.dedupe_window > 0 else 0),
+                self._bus_maxlen,
+            )
+            self._retention_cache[retention] = found
+        return found
+
     def _keys(self, org: str, channel: str) -> _EncodedKeys:
         """The channel's keys, encoded (cached: escaping and hashing add up)."""
         found = self._key_cache.get((org, channel))
@@ -264,6 +280,8 @@ class RedisBroker(Broker):
                 ),
                 read=(keys.stream.encode(), keys.meta.encode()),
                 key_base=keys.key_base.encode(),
+                org=org.encode(),
+                channel=channel.encode(),
             )
             self._key_cache[org, channel] = found
         return found
@@ -280,8 +298,8 @@ async def open_redis_broker(
     false until it answers). Events published after this returns reach the
     listener.
 
-    Resource handling: owns a trio-asyncio loop, a nursery and two connection
-    pools, all closed on exit.
+    Resource handling: owns a nursery and two connections (the pipeline's
+    and the bus reader's), all closed on exit.
 
     Error handling: ValueError for an unusable key prefix or URL; Redis being
     down is not an error here (see `ready`).
@@ -289,29 +307,15 @@ async def open_redis_broker(
     tuning = tuning or RedisTuning()
     broker = RedisBroker(settings, tuning)
     scripts, bus = broker.scripts, broker.bus
-    async with trio_asyncio.open_loop():
-        try:
-            await cross("open", scripts.aio_open, within=broker._timeout)
-            await cross("open bus", bus.aio_open, within=broker._timeout)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(scripts.serve_health)
-                for _ in range(tuning.batch_workers):
-                    await nursery.start(scripts.serve_batches)
-                await nursery.start(bus.serve)
-                try:
-                    yield broker
-                finally:
-                    scripts.close()
-                    nursery.cancel_scope.cancel()
-        finally:
-            scripts.close()
-            with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                await _close_quietly(scripts.aio_close)
-                await _close_quietly(bus.aio_close)
-
-
-async def _close_quietly(close: Callable[[], Awaitable[None]]) -> None:
     try:
-        await trio_asyncio.aio_as_trio(close)()
-    except BACKEND_ERRORS as exc:
-        log.info("redis_close_failed", error=repr(exc))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scripts.serve)
+            await nursery.start(scripts.serve_health)
+            await nursery.start(bus.serve)
+            try:
+                yield broker
+            finally:
+                scripts.close()
+                nursery.cancel_scope.cancel()
+    finally:
+        scripts.close()

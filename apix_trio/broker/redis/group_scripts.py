@@ -239,6 +239,32 @@ return reply
 """,
 )
 
+ACK_MANY = Script(
+    "group_ack_many",
+    """
+-- KEYS: stream; ARGV: group, n1, id1..., n2, id2..., ... (n ids per list).
+-- Acks the lists one after the other; returns how many of each were pending.
+local stream, group = KEYS[1], ARGV[1]
+local counts, at = {}, 2
+while at <= #ARGV do
+  local n = tonumber(ARGV[at])
+  local acked = 0
+  for first = at + 1, at + n, CHUNK do
+    local last = math.min(first + CHUNK - 1, at + n)
+    local reply = redis.pcall('XACK', stream, group, unpack(ARGV, first, last))
+    if type(reply) == 'table' and reply.err then
+      if not string.find(reply.err, 'NOGROUP', 1, true) then return reply end
+      reply = 0
+    end
+    acked = acked + reply
+  end
+  counts[#counts + 1] = acked
+  at = at + n + 1
+end
+return counts
+""".replace("CHUNK", str(CHUNK)),
+)
+
 PENDING = Script(
     "group_pending",
     """
@@ -276,4 +302,6 @@ return removed
 """,
 )
 
-GROUP_SCRIPTS = (JOIN, READ_NEW, CLAIM, CLAIM_IDLE, TOUCH, RELEASE, ACK, PENDING, REMOVE_IDLE)
+GROUP_SCRIPTS = (
+    JOIN, READ_NEW, CLAIM, CLAIM_IDLE, TOUCH, RELEASE, ACK, ACK_MANY, PENDING, REMOVE_IDLE,
+)  # fmt: skip

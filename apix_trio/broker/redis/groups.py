@@ -22,8 +22,10 @@ share pipelined round trips with publishes:
   holds (an id claimed by somebody else is never taken back);
 - `release`: XCLAIM ... IDLE <10 years> JUSTID to the holder, then XGROUP
   DELCONSUMER;
-- `ack`: XACK; `pending`: XPENDING; `remove_idle_consumers`: XINFO CONSUMERS
-  + XGROUP DELCONSUMER of those with no pending entries;
+- `ack`: XACK; `ack_many`: XACK of several callers' id lists in one script
+  (counts per list), which is how a node's group reader acks everything its
+  members acked in one tick in one round trip; `pending`: XPENDING;
+  `remove_idle_consumers`: XINFO CONSUMERS + XGROUP DELCONSUMER of those with no pending entries;
 - `dead_letter`: the broker's own publish to `<channel>.dlq` (same script,
   same retention, bus and idempotency rules as any publish, so it fans out
   to that channel's subscribers), then XACK. `<channel>.dlq` usually lives in
@@ -61,6 +63,7 @@ from apix_trio.broker.redis.group_admin import (
 )
 from apix_trio.broker.redis.group_scripts import (
     ACK,
+    ACK_MANY,
     CLAIM,
     CLAIM_IDLE,
     JOIN,
@@ -200,6 +203,19 @@ class RedisGroups(ConsumerGroups):
             return 0
         reply = await self._call(ACK, org, channel, group.encode(), *(i.encode() for i in unique))
         return int(reply)
+
+    async def ack_many(
+        self, org: str, channel: str, group: str, batches: Sequence[Sequence[str]]
+    ) -> list[int]:
+        if not batches:
+            return []
+        args = [group.encode()]
+        for batch in batches:
+            unique = list(dict.fromkeys(batch))
+            args.append(b"%d" % len(unique))
+            args += [i.encode() for i in unique]
+        reply = await self._call(ACK_MANY, org, channel, *args)
+        return [int(count) for count in reply]
 
     async def pending(
         self, org: str, channel: str, group: str, consumer: str | None = None
