@@ -72,7 +72,12 @@ def _load_settings(config_path: str | None, flags: dict[str, object]) -> Setting
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     """Validate the configuration, set up logging, run the server until a signal."""
-    given = {"ws_port": args.ws_port, "http_port": args.http_port, "redis_url": args.redis_url}
+    given = {
+        "ws_port": args.ws_port,
+        "http_port": args.http_port,
+        "redis_url": args.redis_url,
+        "workers": args.workers,
+    }
     # Flag values stay text: the loader converts and range-checks them like
     # environment values, and names the flag in any problem line.
     flags: dict[str, object] = {key: value for key, value in given.items() if value is not None}
@@ -83,7 +88,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from apix_trio.server import run
 
     configure_logging(settings.log.level, settings.log.format)
-    return run(settings)
+    if settings.server.workers > 1 and args.worker_of is None:
+        import trio
+
+        from apix_trio.supervisor import supervise
+
+        return trio.run(supervise, settings, _serve_args(args))
+    return run(settings, worker_of=args.worker_of)
+
+
+def _serve_args(args: argparse.Namespace) -> list[str]:
+    """The operator's `serve` arguments that workers must see too (the
+    supervisor adds `--workers 1` and the resolved ports)."""
+    passed = []
+    for flag, value in (("--config", args.config), ("--redis-url", args.redis_url)):
+        if value is not None:
+            passed += [flag, value]
+    return passed
 
 
 # -- keygen -----------------------------------------------------------------
@@ -259,6 +280,12 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ws-port", metavar="N", help="server.ws_port (0: pick a free port)")
     serve.add_argument("--http-port", metavar="N", help="server.http_port (0: pick a free port)")
     serve.add_argument("--redis-url", metavar="URL", help="broker.redis_url (empty: embedded)")
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        help="server.workers: processes sharing the ports ('auto': one per core; >1 needs Redis)",
+    )
+    serve.add_argument("--worker-of", type=int, metavar="PID", help=argparse.SUPPRESS)
     serve.set_defaults(command=_cmd_serve)
 
     keygen = commands.add_parser("keygen", help="write a JWT signing key pair")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 import tomllib
 import typing
@@ -57,6 +58,8 @@ LOG_FORMATS = ("json", "console")
 JWT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_WORKERS = 256
+"""More node processes than this on one machine is a typo, not a plan."""
 
 # Section name -> model class, in TOML/documentation order.
 _SECTIONS: dict[str, type] = {
@@ -77,6 +80,7 @@ _FLAGS: dict[str, tuple[str, str, str]] = {
     "ws_port": ("server", "ws_port", "--ws-port"),
     "http_port": ("server", "http_port", "--http-port"),
     "redis_url": ("broker", "redis_url", "--redis-url"),
+    "workers": ("server", "workers", "--workers"),
 }
 
 _converter = cattrs.Converter()
@@ -197,6 +201,9 @@ _RULES: dict[str, _Rule] = {
     ),
     "server.shutdown_grace": _seconds(),
     "server.node_id": _Rule("a non-empty name without spaces", _fails(_no_space)),
+    "server.workers": _Rule(
+        f"'auto' or an integer 1-{MAX_WORKERS}", _fails(lambda v: 1 <= v <= MAX_WORKERS)
+    ),
     "broker.redis_url": _Rule(
         "'' (embedded broker) or a URL starting with " + ", ".join(REDIS_SCHEMES),
         _fails(_redis_url_ok),
@@ -275,8 +282,8 @@ def _build_fields() -> dict[str, dict[str, _Field]]:
         table[section] = {}
         for field in attrs.fields(cls):
             name = f"{section}.{field.name}"
-            kind = _kind_of(hints[field.name])
-            rule = _RULES.get(name, _Rule(_KIND_EXPECT[kind]))
+            kind = "workers" if name == "server.workers" else _kind_of(hints[field.name])
+            rule = _RULES.get(name) or _Rule(_KIND_EXPECT[kind])
             table[section][field.name] = _Field(name, kind, rule)
     return table
 
@@ -292,6 +299,8 @@ _FALSE = frozenset({"false", "0", "no", "off"})
 
 def _convert(kind: str, raw: Any, *, text: bool) -> Any:
     """Convert a native value (TOML, flags) or, with `text`, a string (env, flags)."""
+    if kind == "workers":
+        return _convert_workers(raw)
     if text and isinstance(raw, str) and kind != "str":
         return _convert_text(kind, raw)
     if kind == "bool" and isinstance(raw, bool):
@@ -306,6 +315,20 @@ def _convert(kind: str, raw: Any, *, text: bool) -> Any:
         return raw
     if kind == "list" and isinstance(raw, list | tuple) and all(isinstance(v, str) for v in raw):
         return tuple(raw)
+    raise _Bad()
+
+
+def _convert_workers(raw: Any) -> int:
+    """`server.workers`: an integer, or "auto" for one worker per core."""
+    if isinstance(raw, str) and raw.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise _Bad() from None
     raise _Bad()
 
 
@@ -571,6 +594,7 @@ def load_settings(
     _apply_environ(environ, out)
     _apply_flags(flags, out)
 
+    _check_workers_need_redis(out)
     defaults = _converter.unstructure(ChannelOptions(**out.values["defaults"]))
     namespaces = _build_namespaces(namespace_tables, defaults, toml_source, out)
     if out.problems:
@@ -581,6 +605,19 @@ def load_settings(
         return _converter.structure(tree, Settings)
     except Exception as exc:  # a model invariant the rules above missed
         raise ConfigError([f"settings: cannot build the settings model: {exc}"]) from exc
+
+
+def _check_workers_need_redis(out: _Collector) -> None:
+    """Workers are separate processes: with the embedded broker each would hold
+    its own events, so clients on different workers could not see each other."""
+    workers = out.values["server"].get("workers", 1)
+    if workers > 1 and not out.values["broker"].get("redis_url"):
+        out.problem(
+            "server.workers",
+            f"expected 1 with the embedded broker, got {workers}: several workers share "
+            "events only through Redis, so set broker.redis_url (or run one worker)",
+            "the effective settings",
+        )
 
 
 def mask_url(url: str) -> str:

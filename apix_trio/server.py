@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import gc
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -44,9 +45,10 @@ from apix_trio.commands.dispatch import run_command
 from apix_trio.gateway.handshake import handle_stream
 from apix_trio.gateway.hub import Hub
 from apix_trio.http.api import make_app
-from apix_trio.observability.logs import get_logger
+from apix_trio.observability.logs import bind_process_fields, get_logger
 from apix_trio.protocol.codes import CloseCode
 from apix_trio.settings import Settings
+from apix_trio.supervisor import LISTEN_BACKLOG, reuse_port_family, watch_parent
 
 KEY_POLL_INTERVAL = 2.0
 log = get_logger("apix.server")
@@ -88,9 +90,15 @@ async def serve(
     wall_clock: Callable[[], float] = time.time,
     handle_signals: bool = False,
     keys: KeyStore | None = None,
+    worker_of: int | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one node until `shutdown()` (or SIGTERM/SIGINT with `handle_signals`).
+
+    With `worker_of` (the supervisor's pid, `apix_trio.supervisor`), the node
+    is one of several workers: its listeners share their ports with the other
+    workers (SO_REUSEPORT), and it shuts down gracefully when the supervisor
+    is gone.
 
     Resource handling: every listener, connection and broker connection is
     closed before this returns.
@@ -121,13 +129,16 @@ async def serve(
             if handle_signals:
                 services.start_soon(_watch_signals, shutdown, keys, hub)
             services.start_soon(_watch_key_files, keys)
-            http_port = await services.start(_serve_http, hub)
+            if worker_of is not None:
+                services.start_soon(watch_parent, worker_of, shutdown)
+            reuse_port = worker_of is not None
+            http_port = await services.start(functools.partial(_serve_http, hub, reuse_port))
             await services.start(hub.sessions.serve)
             await services.start(hub.groups.run)
             await services.start(hub.slots.run)
             async with trio.open_nursery() as connections:
-                listeners = await trio.open_tcp_listeners(
-                    settings.server.ws_port, host=settings.server.host
+                listeners = await _open_listeners(
+                    settings.server.host, settings.server.ws_port, reuse_port=reuse_port
                 )
                 ws_port = listeners[0].socket.getsockname()[1]
                 accept_scope = trio.CancelScope()
@@ -178,10 +189,44 @@ async def _accept(
         await listener.aclose()
 
 
-async def _serve_http(hub: Hub, *, task_status: trio.TaskStatus[int]) -> None:
+async def _open_listeners(
+    host: str, port: int, *, reuse_port: bool
+) -> list[trio.SocketListener]:
+    """TCP listeners on (host, port); with `reuse_port`, one SO_REUSEPORT socket
+    that shares the port with the other workers' (the kernel spreads
+    connections across them)."""
+    if not reuse_port:
+        return await trio.open_tcp_listeners(port, host=host)
+    sock = trio.socket.socket(reuse_port_family(host), trio.socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+        await sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return [trio.SocketListener(sock)]
+
+
+def _shared_http_bind(host: str, port: int) -> str:
+    """A hypercorn bind (`fd://N`) for a SO_REUSEPORT socket on (host, port)."""
+    sock = socket.socket(reuse_port_family(host), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return f"fd://{sock.detach()}"  # hypercorn owns the descriptor from here
+
+
+async def _serve_http(hub: Hub, reuse_port: bool, *, task_status: trio.TaskStatus[int]) -> None:
     """Serve the internal HTTP API until cancelled; reports the bound port."""
     config = HypercornConfig()
-    config.bind = [f"{hub.settings.server.host}:{hub.settings.server.http_port}"]
+    host, port = hub.settings.server.host, hub.settings.server.http_port
+    config.bind = [_shared_http_bind(host, port) if reuse_port else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 1.0
@@ -189,7 +234,7 @@ async def _serve_http(hub: Hub, *, task_status: trio.TaskStatus[int]) -> None:
         binds: list[str] = await nursery.start(
             functools.partial(hypercorn_serve, make_app(hub), config, mode="asgi")  # type: ignore[arg-type]
         )
-        task_status.started(int(binds[0].rsplit(":", 1)[1]))
+        task_status.started(port if reuse_port else int(binds[0].rsplit(":", 1)[1]))
 
 
 async def _watch_signals(shutdown: trio.Event, keys: KeyStore, hub: Hub) -> None:
@@ -239,22 +284,24 @@ def _tune_gc() -> None:
     gc.set_threshold(70_000, 50, 100)
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, *, worker_of: int | None = None) -> int:
     """Run the server in this process until SIGTERM/SIGINT; returns the exit code.
 
     2 when the key files are unusable (like any other configuration
-    problem), 1 when a port cannot be bound, else 0.
+    problem), 1 when a port cannot be bound, else 0. `worker_of`: see `serve`.
     """
     try:
         keys = KeyStore(settings.auth)
     except KeyLoadError as exc:
         print(f"apix-trio: config: auth.public_keys: {exc}", file=sys.stderr)
         return 2
+    if worker_of is not None:
+        bind_process_fields(node=settings.server.node_id)  # workers share one stderr
     status = 0
     # Errors raised inside serve's nurseries arrive in exception groups.
     _tune_gc()
     try:
-        trio.run(lambda: serve(settings, handle_signals=True, keys=keys))
+        trio.run(lambda: serve(settings, handle_signals=True, keys=keys, worker_of=worker_of))
     except* KeyboardInterrupt:
         pass  # a second SIGTERM/SIGINT (or one before the handlers are installed)
     except* OSError as group:

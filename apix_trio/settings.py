@@ -26,6 +26,7 @@ class ServerSettings:
     allowed_origins: tuple[str, ...] = ()
     shutdown_grace: float = 10.0
     node_id: str = attrs.field(factory=_default_node_id)
+    workers: int = 1  # node processes sharing the ports; "auto" in sources = one per core
 
 
 @attrs.frozen

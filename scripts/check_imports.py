@@ -34,8 +34,9 @@ LAYERS: Sequence[Sequence[str]] = (
     ("cli",),
     # the node's nursery tree; the configuration loader; old client import paths
     ("server", "config", "client", "reconnect"),
-    # the HTTP API, and the Python clients (which share only maths with the server)
-    ("http", "clients"),
+    # the HTTP API; the Python clients (which share only maths with the server);
+    # the supervisor of worker processes
+    ("http", "clients", "supervisor"),
     # op handlers: one module per family of ops
     ("commands",),
     # WebSocket gateway: handshake, connection tasks, outbox, registry, hub

@@ -243,6 +243,12 @@ class _State:
     configured = False
 
 
+def bind_process_fields(**fields: Any) -> None:
+    """Add `fields` to every log line of this process from now on (e.g. the
+    node id of a worker, whose lines share the supervisor's stream)."""
+    structlog.contextvars.bind_contextvars(**fields)
+
+
 def configure_logging(level: str, fmt: str, stream: IO[str] | None = None) -> None:
     """Install the process-wide logging pipeline.
 
