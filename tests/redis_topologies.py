@@ -109,6 +109,25 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+CLUSTER_BUS_OFFSET = 10000
+"""A cluster node also listens on its port + 10000 (the cluster bus)."""
+
+
+def cluster_port() -> int:
+    """A free port that a cluster node can use: at most 55535, its bus port free too."""
+    for _ in range(1000):
+        port = free_port()
+        if port + CLUSTER_BUS_OFFSET > 65535:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 class RedisClusterSetup:
     """A Redis Cluster of `masters` masters with one replica each."""
 
@@ -129,6 +148,7 @@ class RedisClusterSetup:
                     ),
                 )
             )  # fmt: skip
+            self.servers[-1].port = cluster_port()
         self.masters = masters
 
     def start(self) -> None:

@@ -145,8 +145,8 @@ def test_shard_tags_put_each_shard_in_its_own_share_of_the_slots() -> None:
     }
     # CRC16/XMODEM as Redis computes it (CLUSTER KEYSLOT); braces select the tag
     assert hash_slot("foo") == 12182
-    assert hash_slot("{user1000}.following") == hash_slot("user1000") != hash_slot("x{user1000}")
-    assert hash_slot("foo{}{bar}") == hash_slot("foo{}{bar}".encode())
+    assert hash_slot("{user1000}.following") == hash_slot("user1000") != hash_slot("{}user1000")
+    assert hash_slot("foo{}{bar}") == hash_slot(b"foo{}{bar}")
     assert hash_slot("foo{{bar}}zap") == hash_slot("{bar")
 
 
