@@ -19,6 +19,10 @@ routes each call by the slot of its first key through the current
   the call go to the target together, on a short-lived connection of their
   own (migrations are rare; the target's pipeline must not carry ASKING
   ahead of unrelated calls).
+- `TRYAGAIN` (a call whose keys a migration has split between two masters,
+  or that would create keys in a slot being imported): it did not run; it
+  is sent again after a short backoff (20 ms doubling, at most 0.5 s) until
+  the migration is done or the caller's time is up.
 - a master that fails (refused, reset, silent): its calls fail with
   `BrokerUnavailable` within `broker.operation_timeout` as on one server
   (they are not resent: one that was written may have run), and the map is
@@ -64,6 +68,9 @@ from apix_trio.observability.logs import get_logger
 log = get_logger(__name__)
 
 MAX_REDIRECTS = 5
+TRYAGAIN_DELAY = 0.02
+TRYAGAIN_CAP = 0.5
+"""Backoff (s) before resending a call that met TRYAGAIN (a migration in progress)."""
 REFRESH_MIN_INTERVAL = 0.1
 """Seconds between two slot map refreshes asked for by failures."""
 
@@ -148,25 +155,40 @@ class ClusterScripts(ScriptBatcher):
         slot = hash_slot(keys[0]) if keys else 0
         deadline = trio.current_time() + self._timeout
         target = self.slot_map.owner(slot)
+        asking: RedisAddress | None = None
+        redirects = retries = 0
         with trio.move_on_at(deadline):
-            for _ in range(MAX_REDIRECTS + 1):
+            while True:
                 if target is None:
                     self.request_refresh()
                     raise BrokerUnavailable(f"no Redis Cluster master serves slot {slot} now")
                 try:
+                    if asking is not None:
+                        return await self._call_asking(asking, script, keys, args, write=write)
                     return await self._node(target).call(script, keys, args, write=write)
                 except BrokerUnavailable as exc:
-                    redirect = parse_redirect(str(exc))
+                    error = str(exc)
+                    redirect = parse_redirect(error)
+                    if redirect is None and "TRYAGAIN" in error:
+                        # keys of one call split by a migration; it did not run
+                        retries += 1
+                        asking, redirects = None, 0  # start over at the owner
+                        await trio.sleep(backoff_delay(retries, TRYAGAIN_DELAY, TRYAGAIN_CAP))
+                        continue
                     if redirect is None:
                         self.request_refresh()  # the master may have failed over
                         raise
+                redirects += 1
                 self._redirects += 1
+                if redirects > MAX_REDIRECTS:
+                    raise BrokerUnavailable(f"redis cluster: {redirects} redirections in a row")
                 moved_to = node_address(self._seed, *redirect.node)
                 if redirect.kind == "ASK":
-                    return await self._call_asking(moved_to, script, keys, args, write=write)
-                self.request_refresh()
-                target = moved_to
-            raise BrokerUnavailable(f"redis cluster: more than {MAX_REDIRECTS} redirections")
+                    asking = moved_to
+                else:
+                    asking = None
+                    self.request_refresh()
+                    target = moved_to
         raise BrokerUnavailable(f"redis did not answer within {self._timeout:g} s")
 
     def _node(self, address: RedisAddress) -> _NodeScripts:
