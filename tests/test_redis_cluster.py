@@ -256,3 +256,63 @@ async def test_calls_during_a_migration_follow_ask_and_wait_out_tryagain(
 def finish_after(cluster: RedisClusterSetup, slot: int, source: int, target: int) -> None:
     time.sleep(0.5)  # the publish meets TRYAGAIN meanwhile (and waits, resending)
     finish_migration(cluster, slot, source, target)
+
+
+# -- a promoted replica that lacks the newest entries -------------------------------------
+
+
+async def test_a_replica_missing_the_newest_events_answers_recovered_false(
+    redis_server_factory: Any,
+) -> None:
+    """The `recovered` machinery after a failover to a replica that lagged:
+    a client that saw events the new master lacks gets `recovered: false`
+    (its `since` is past the new master's last id, or not an id there);
+    new ids stay above anything a client could have seen only when the
+    clock moved on (they are time-based)."""
+    master = redis_server_factory()
+    replica = redis_server_factory(args=("--replicaof", "127.0.0.1", str(master.port)))
+    wait_until(lambda: info_up(replica.port), BOUND, "the replica to sync")
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    settings = Settings(broker=BrokerSettings(redis_url=master.url, key_prefix=prefix))
+    with trio.fail_after(BOUND):
+        async with open_redis_broker(settings) as broker:
+            kept = [
+                (await broker.publish("o", "c", f"{n}", sender="s", key=None, retention=LONG))
+                for n in range(3)
+            ]
+            await trio.to_thread.run_sync(
+                wait_until, lambda: replicated(master.port, replica.port), BOUND, "replication"
+            )
+            command(replica.port, "REPLICAOF", "NO", "ONE")  # it lags from here on
+            lost = [
+                (await broker.publish("o", "c", f"{n}", sender="s", key=None, retention=LONG))
+                for n in range(3, 5)
+            ]
+        promoted = Settings(broker=BrokerSettings(redis_url=replica.url, key_prefix=prefix))
+        async with open_redis_broker(promoted) as broker:
+            for seen in lost:  # a client that saw an event the new master lacks
+                page = await broker.read_after("o", "c", seen.event.id, 10, LONG)
+                assert not page.recovered and page.events == ()
+            last_kept = kept[-1].event.id
+            page = await broker.read_after("o", "c", kept[0].event.id, 10, LONG)
+            assert [e.id for e in page.events] == [p.event.id for p in kept[1:]]
+            assert await broker.position("o", "c") == last_kept
+            after = await broker.publish("o", "c", "new", sender="s", key=None, retention=LONG)
+            assert after.event.id not in {p.event.id for p in lost}
+            page = await broker.read_after("o", "c", lost[-1].event.id, 10, LONG)
+            assert not page.recovered  # never an id of this stream: still false
+
+
+def info_up(port: int) -> bool:
+    text = str(command(port, "INFO", "replication"))
+    return "master_link_status:up" in text
+
+
+def replicated(master: int, replica: int) -> bool:
+    def offset(port: int, field: str) -> int:
+        for line in str(command(port, "INFO", "replication")).splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split(":", 1)[1])
+        return -1
+
+    return offset(replica, "slave_repl_offset") >= offset(master, "master_repl_offset")
