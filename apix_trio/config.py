@@ -58,6 +58,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
 JWT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_MODES = ("auto", "standalone", "cluster", "sentinel")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_WORKERS = 256
 """More node processes than this on one machine is a typo, not a plan."""
@@ -213,6 +214,10 @@ _RULES: dict[str, _Rule] = {
     "broker.key_prefix": _Rule("a non-empty prefix without spaces", _fails(_no_space)),
     "broker.bus_shards": _int(1, 1024),
     "broker.publish_wait_replicas": _int(0),
+    "broker.redis_mode": _choice(REDIS_MODES),
+    "broker.sentinel_master": _Rule(
+        "a master name without spaces", _fails(lambda v: not v or _no_space(v))
+    ),
     "broker.operation_timeout": _seconds(),
     "auth.public_keys": _Rule("a list of readable PEM or JWKS files", _key_files_problem),
     "auth.dev_key_dir": _Rule("a non-empty directory path", _fails(bool)),
@@ -600,6 +605,7 @@ def load_settings(
     _apply_flags(flags, out)
 
     _check_workers_need_redis(out)
+    _check_redis_mode(out)
     defaults = _converter.unstructure(ChannelOptions(**out.values["defaults"]))
     namespaces = _build_namespaces(namespace_tables, defaults, toml_source, out)
     if out.problems:
@@ -621,6 +627,35 @@ def _check_workers_need_redis(out: _Collector) -> None:
             "server.workers",
             f"expected 1 with the embedded broker, got {workers}: several workers share "
             "events only through Redis, so set broker.redis_url (or run one worker)",
+            "the effective settings",
+        )
+
+
+def _check_redis_mode(out: _Collector) -> None:
+    """Sentinel mode needs the master's name, and only it takes a list of hosts."""
+    broker = out.values["broker"]
+    mode = broker.get("redis_mode", "auto")
+    url = broker.get("redis_url", "")
+    if mode == "sentinel" and not broker.get("sentinel_master"):
+        out.problem(
+            "broker.sentinel_master",
+            "expected the name of the master the sentinels monitor when broker.redis_mode "
+            "is sentinel, got ''",
+            "the effective settings",
+        )
+    if mode == "sentinel" and url and not url.lower().startswith(("redis://", "rediss://")):
+        out.problem(
+            "broker.redis_url",
+            "expected redis://host:port[,host:port...] listing the sentinels when "
+            f"broker.redis_mode is sentinel, got {mask_url(url)!r}",
+            "the effective settings",
+        )
+    hosts = url.partition("://")[2].partition("/")[0].rpartition("@")[2]
+    if mode != "sentinel" and "," in hosts:
+        out.problem(
+            "broker.redis_url",
+            "expected one host: a list of hosts is only for broker.redis_mode = sentinel "
+            f"(mode {mode}), got {mask_url(url)!r}",
             "the effective settings",
         )
 

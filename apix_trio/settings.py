@@ -35,6 +35,8 @@ class BrokerSettings:
     key_prefix: str = "apix"
     bus_shards: int = 16
     publish_wait_replicas: int = 0
+    redis_mode: str = "auto"  # auto | standalone | cluster | sentinel
+    sentinel_master: str = ""  # with sentinel: the monitored master's name
     # Added settings (not in the contract, all optional):
     operation_timeout: float = 4.0  # seconds before a broker call answers `unavailable`
 

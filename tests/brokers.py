@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -42,3 +43,18 @@ async def passes_within(seconds: float, check: Callable[[], Awaitable[None]]) ->
                 await trio.sleep(POLL)
             else:
                 return
+
+
+REDIS_KINDS = ("redis", "redis-cluster")
+"""The Redis parameters of the broker suites: one server, a Redis Cluster."""
+
+
+def redis_target(kind: str, request: Any) -> tuple[str, dict[str, Any]]:
+    """`(broker.redis_url, other broker settings)` for a Redis `kind`: the
+    test's own redis-server (`redis_url`) or the session's Redis Cluster
+    (`shared_redis_cluster`, `redis_mode = cluster`)."""
+    if kind == "redis-cluster":
+        cluster = request.getfixturevalue("shared_redis_cluster")
+        return cluster.url, {"redis_mode": "cluster"}
+    assert kind == "redis", kind
+    return request.getfixturevalue("redis_url"), {}

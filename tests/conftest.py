@@ -24,6 +24,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -170,3 +171,19 @@ def redis_server(redis_server_factory: RedisServerFactory) -> RedisServer:
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def shared_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One Redis Cluster (3 masters, 3 replicas; tests/redis_topologies.py) for
+    the whole session: the broker suites' `redis-cluster` parameter. Tests
+    isolate themselves by key prefix; none may kill its nodes (a failover
+    test starts a cluster of its own)."""
+    from tests.redis_topologies import RedisClusterSetup  # it imports this module
+
+    cluster = RedisClusterSetup(tmp_path_factory.mktemp("shared-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

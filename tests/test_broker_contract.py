@@ -1,7 +1,8 @@
 """The broker contract: what every broker promises (apix_trio/broker/base.py).
 
-One suite, parametrised by `broker_kind` over "memory" and "redis"; select a
-side with `-k memory` or `-k redis`. The Redis side opens
+One suite, parametrised by `broker_kind` over "memory", "redis" and
+"redis-cluster" (the session's Redis Cluster, tests/brokers.py); select a
+side with `-k memory`, `-k redis` or `-k redis-cluster`. The Redis side opens
 `apix_trio.broker.redis.events.open_redis_broker` against the `redis_url` fixture (a
 real redis-server started by tests/conftest.py), imported only when used.
 
@@ -56,7 +57,7 @@ from apix_trio.broker.model import Published, Retention
 from apix_trio.protocol.event import Event
 from apix_trio.protocol.ids import ZERO, StreamId, format_id, parse_id
 from apix_trio.settings import BrokerSettings, Settings
-from tests.brokers import FakeWallClock, passes_within
+from tests.brokers import REDIS_KINDS, FakeWallClock, passes_within, redis_target
 
 DELIVERY_TIMEOUT = 5.0
 """Seconds a listener may take to see a stored event (Redis: via the bus)."""
@@ -115,7 +116,7 @@ class Timeline:
 # -- fixtures ------------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *REDIS_KINDS])
 def broker_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -133,11 +134,11 @@ def timeline(wall_clock: FakeWallClock | None) -> Timeline:
 @pytest.fixture
 def redis_settings(broker_kind: str, request: pytest.FixtureRequest) -> Settings | None:
     """Settings for the Redis broker; a fresh key prefix isolates each test."""
-    if broker_kind != "redis":
+    if broker_kind == "memory":
         return None
-    redis_url = request.getfixturevalue("redis_url")
+    redis_url, extra = redis_target(broker_kind, request)
     prefix = f"apixtest-{uuid.uuid4().hex[:12]}"
-    return Settings(broker=BrokerSettings(redis_url=redis_url, key_prefix=prefix))
+    return Settings(broker=BrokerSettings(redis_url=redis_url, key_prefix=prefix, **extra))
 
 
 def _open(

@@ -22,7 +22,7 @@ import trio
 
 from apix_trio.broker.model import BrokerUnavailable, Retention
 from apix_trio.broker.redis.events import RedisBroker, RedisTuning, open_redis_broker
-from apix_trio.broker.redis.keys import KeyLayout, escape
+from apix_trio.broker.redis.keys import KeyLayout, escape, hash_slot, shard_tags, slot_share
 from apix_trio.broker.redis.scripts import PUBLISH
 from apix_trio.broker.redis.support import backoff_delay
 from apix_trio.protocol.event import Event
@@ -118,7 +118,8 @@ def test_escape_keeps_plain_names_and_hides_separators() -> None:
 def test_key_layout_puts_a_channel_in_one_slot() -> None:
     layout = KeyLayout("apix", 16)
     keys = layout.channel("acme", "user:alice")
-    tag = f"{{b{keys.shard}}}"
+    tag = "{" + shard_tags(16)[keys.shard] + "}"
+    assert tag.startswith(f"{{b{keys.shard}.")
     assert keys.stream == f"apix:{tag}:acme:c:user%3Aalice"
     assert keys.meta == f"apix:{tag}:acme:m:user%3Aalice"
     assert keys.bus == f"apix:{tag}:bus"
@@ -127,6 +128,26 @@ def test_key_layout_puts_a_channel_in_one_slot() -> None:
     assert {layout.shard_of("o", f"c{i}") for i in range(200)} == set(range(16))
     with pytest.raises(ValueError):
         KeyLayout("ap{x}", 16)
+
+
+def test_shard_tags_put_each_shard_in_its_own_share_of_the_slots() -> None:
+    for shards in (1, 3, 16, 1024):
+        tags = shard_tags(shards)
+        assert len(set(tags)) == shards
+        for shard, tag in enumerate(tags):
+            assert tag.startswith(f"b{shard}.")
+            assert hash_slot(tag) in slot_share(shard, shards)
+    layout = KeyLayout("apix", 16)
+    assert [layout.slot(s) for s in range(16)] == sorted(layout.slot(s) for s in range(16))
+    keys = layout.channel("acme", "chat.room42")
+    assert {hash_slot(k) for k in (keys.stream, keys.meta, keys.bus, keys.bus_seq)} == {
+        layout.slot(keys.shard)
+    }
+    # CRC16/XMODEM as Redis computes it (CLUSTER KEYSLOT); braces select the tag
+    assert hash_slot("foo") == 12182
+    assert hash_slot("{user1000}.following") == hash_slot("user1000") != hash_slot("{}user1000")
+    assert hash_slot("foo{}{bar}") == hash_slot(b"foo{}{bar}")
+    assert hash_slot("foo{{bar}}zap") == hash_slot("{bar")
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:
@@ -245,10 +266,10 @@ async def test_two_nodes_share_one_redis(redis_url: str) -> None:
 CRAFTED_CHANNELS = ["x", "x:k", "x:c:y", "user:alice", "a@b-c", "{b1}", "*", "k", "c"]
 CRAFTED_KEYS = ["k:y", "y", "{b1}", "*", "a:b:c", "}{", "%3A", "a b"]
 ORG_KEY = re.compile(
-    rf"^{PREFIX}:\{{b(?P<shard>[0-9]+)\}}:(?P<org>[^:]*):(?P<kind>[cmk]):"
+    rf"^{PREFIX}:\{{b(?P<shard>[0-9]+)\.[0-9]+\}}:(?P<org>[^:]*):(?P<kind>[cmk]):"
     r"(?P<channel>[A-Za-z0-9_.@%-]+)(:(?P<key>[A-Za-z0-9_.@%-]+))?$"
 )
-SHARED_KEY = re.compile(rf"^{PREFIX}:\{{b[0-9]+\}}:bus(:seq)?$")
+SHARED_KEY = re.compile(rf"^{PREFIX}:\{{b[0-9]+\.[0-9]+\}}:bus(:seq)?$")
 
 
 async def test_crafted_names_stay_inside_their_org(redis_url: str) -> None:

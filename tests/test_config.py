@@ -584,3 +584,41 @@ def test_namespace_pattern_may_use_sub_for_any_user(tmp_path):
     path.write_text('[[namespaces]]\npattern = "user.{sub}"\nhistory_size = 500\n')
     settings = load_settings(config_path=str(path), environ={}, flags={})
     assert settings.namespaces[0].pattern == "user.{sub}"
+
+
+# ---------------------------------------------------------- redis modes ----
+
+
+def test_redis_mode_and_sentinel_master_load() -> None:
+    assert load().broker.redis_mode == "auto"
+    settings = load(
+        environ={
+            "APIX_BROKER_REDIS_MODE": "Sentinel",
+            "APIX_BROKER_SENTINEL_MASTER": "mymaster",
+            "APIX_BROKER_REDIS_URL": "redis://h1:26379,h2:26379",
+        }
+    )
+    assert settings.broker.redis_mode == "sentinel"
+    assert settings.broker.sentinel_master == "mymaster"
+    cluster = load(environ={"APIX_BROKER_REDIS_MODE": "cluster"})
+    assert cluster.broker.redis_mode == "cluster"
+
+
+def test_redis_mode_problems_name_the_setting() -> None:
+    (line,) = problems(environ={"APIX_BROKER_REDIS_MODE": "ring"})
+    assert line.startswith("broker.redis_mode: expected one of auto, standalone, cluster, sentinel")
+    assert "APIX_BROKER_REDIS_MODE" in line
+    (line,) = problems(
+        environ={"APIX_BROKER_REDIS_MODE": "sentinel", "APIX_BROKER_REDIS_URL": "redis://h:26379"}
+    )
+    assert line.startswith("broker.sentinel_master: expected the name of the master")
+    (line,) = problems(environ={"APIX_BROKER_REDIS_URL": "redis://h1:26379,h2:26379"})
+    assert line.startswith("broker.redis_url: expected one host")
+    (line,) = problems(
+        environ={
+            "APIX_BROKER_REDIS_MODE": "sentinel",
+            "APIX_BROKER_SENTINEL_MASTER": "m",
+            "APIX_BROKER_REDIS_URL": "unix:///tmp/r.sock",
+        }
+    )
+    assert line.startswith("broker.redis_url: expected redis://host:port[,host:port...]")

@@ -1,6 +1,7 @@
 """The consumer-group contract (apix_trio/broker/groups.py), on memory and Redis.
 
-One suite, parametrised by `broker_kind` over "memory" and "redis" (select a
+One suite, parametrised by `broker_kind` over "memory", "redis" and
+"redis-cluster" (the session's Redis Cluster, tests/brokers.py) (select a
 side with `-k memory` / `-k redis`). The Redis side runs against a real
 redis-server (tests/conftest.py) with a fresh key prefix per test.
 
@@ -34,6 +35,7 @@ from apix_trio.broker.memory.events import open_memory_broker
 from apix_trio.broker.model import Retention
 from apix_trio.protocol.event import Event
 from apix_trio.settings import BrokerSettings, Settings
+from tests.brokers import REDIS_KINDS, redis_target
 
 LONG = Retention(history_size=1000, history_ttl=3600.0, dedupe_window=600.0)
 TIMEOUT = 20.0
@@ -60,7 +62,7 @@ class Received:
             await self._grew.wait()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *REDIS_KINDS])
 def broker_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -76,9 +78,11 @@ def _open(kind: str, request: pytest.FixtureRequest) -> AbstractAsyncContextMana
         return open_memory_broker()
     from apix_trio.broker.redis.events import open_redis_broker
 
-    url = request.getfixturevalue("redis_url")
+    url, extra = redis_target(kind, request)
     prefix = f"apixtest-{uuid.uuid4().hex[:12]}"
-    return open_redis_broker(Settings(broker=BrokerSettings(redis_url=url, key_prefix=prefix)))
+    return open_redis_broker(
+        Settings(broker=BrokerSettings(redis_url=url, key_prefix=prefix, **extra))
+    )
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """Two real `apix-trio serve` processes on one real redis-server.
 
 What the Redis broker promises across nodes, end to end, through the wire
-protocol (no broker object in the test process):
+protocol (no broker object in the test process); the first two tests also
+run on the session's Redis Cluster (3 masters, `redis_mode = auto`):
 
 - an event published on node B reaches a subscriber on node A once, in
   order, with the id the publisher was given, on several channels at once;
@@ -17,6 +18,7 @@ protocol (no broker object in the test process):
 from __future__ import annotations
 
 import urllib.parse
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ import redis
 import trio
 
 from apix_trio.broker.redis.keys import KeyLayout, escape
+from tests.brokers import REDIS_KINDS, redis_target
 from tests.conftest import RedisServer
 from tests.memws import MemClient
 from tests.procs import NodeProcess, call_keeping, open_node
@@ -41,6 +44,16 @@ WINDOW = 16
 TEST_BOUND = 60.0
 
 Item = tuple[str, Any, str | None]
+
+
+@pytest.fixture(params=REDIS_KINDS)
+def deployment(request: pytest.FixtureRequest) -> tuple[str, dict[str, object], str]:
+    """`(redis_url, node settings, mode)`: a redis-server of the test's own, or
+    the session's Redis Cluster (`redis_mode = auto` finds out which; a key
+    prefix of the test's own keeps it apart from the other tests there)."""
+    url, _ = redis_target(str(request.param), request)
+    mode = "cluster" if request.param == "redis-cluster" else "standalone"
+    return url, {**SETTINGS, "broker.key_prefix": f"t{uuid.uuid4().hex[:10]}"}, mode
 """channel, data, idempotency key"""
 
 
@@ -117,14 +130,17 @@ EVENTS = 400
 
 
 async def test_events_cross_nodes_once_in_order_and_history_agrees(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, deployment: tuple[str, dict[str, object], str]
 ) -> None:
     key_dir = tmp_path / "keys"
+    url, settings, mode = deployment
     async with (
-        open_node(key_dir, name="node-a", redis_url=redis_server.url, settings=SETTINGS) as a,
-        open_node(key_dir, name="node-b", redis_url=redis_server.url, settings=SETTINGS) as b,
+        open_node(key_dir, name="node-a", redis_url=url, settings=settings) as a,
+        open_node(key_dir, name="node-b", redis_url=url, settings=settings) as b,
     ):
         with trio.fail_after(TEST_BOUND):
+            for node in (a, b):  # broker.redis_mode = auto found out
+                assert node.events("redis_mode_detected")[0]["mode"] == mode
             reader = await a.connect(sub="reader")
             for channel in CHANNELS:
                 reply = await reader.call("subscribe", channel=channel)
@@ -166,15 +182,17 @@ async def test_events_cross_nodes_once_in_order_and_history_agrees(
 
 
 async def test_subscribe_since_on_one_node_replays_what_another_published(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, deployment: tuple[str, dict[str, object], str]
 ) -> None:
     key_dir = tmp_path / "keys"
+    url, settings, mode = deployment
     channel = "replay.x:1"
     async with (
-        open_node(key_dir, name="node-a", redis_url=redis_server.url, settings=SETTINGS) as a,
-        open_node(key_dir, name="node-b", redis_url=redis_server.url, settings=SETTINGS) as b,
+        open_node(key_dir, name="node-a", redis_url=url, settings=settings) as a,
+        open_node(key_dir, name="node-b", redis_url=url, settings=settings) as b,
     ):
         with trio.fail_after(TEST_BOUND):
+            assert a.events("redis_mode_detected")[0]["mode"] == mode
             writer = await a.connect(sub="writer")
             replies = await publish_all(writer, [(channel, {"n": n}, None) for n in range(60)])
             ids = [reply["result"]["id"] for reply in replies]

@@ -1,6 +1,7 @@
 """The session store contract (apix_trio/broker/sessions.py), memory and Redis.
 
-One suite, parametrised by `store_kind` over "memory" and "redis" (select a
+One suite, parametrised by `store_kind` over "memory", "redis" and
+"redis-cluster" (the session's Redis Cluster, tests/brokers.py) (select a
 side with `-k memory` / `-k redis`). The Redis side runs against a real
 redis-server (tests/conftest.py) through `RedisBroker.sessions`; a fresh key
 prefix isolates each test.
@@ -32,7 +33,7 @@ from apix_trio.broker.sessions import (
     encode_record,
 )
 from apix_trio.settings import BrokerSettings, Settings
-from tests.brokers import FakeWallClock, passes_within
+from tests.brokers import REDIS_KINDS, FakeWallClock, passes_within, redis_target
 from tests.conftest import RedisServer
 
 TTL = 300.0
@@ -55,7 +56,7 @@ class Subject:
         await passes_within(seconds, check)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *REDIS_KINDS])
 def store_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -74,7 +75,8 @@ async def subject(store_kind: str, request: pytest.FixtureRequest) -> AsyncItera
         return
     from apix_trio.broker.redis.events import open_redis_broker
 
-    settings = redis_settings(request.getfixturevalue("redis_url"))
+    url, extra = redis_target(store_kind, request)
+    settings = redis_settings(url, **extra)
     async with open_redis_broker(settings) as broker:
         yield Subject(broker.sessions, None, settings.broker.key_prefix)
 

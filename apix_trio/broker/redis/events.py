@@ -59,6 +59,7 @@ from apix_trio.broker.redis.groups import RedisGroups
 from apix_trio.broker.redis.keys import KeyLayout, escape
 from apix_trio.broker.redis.leases import RedisLeases
 from apix_trio.broker.redis.listing import list_channels
+from apix_trio.broker.redis.modes import open_mode
 from apix_trio.broker.redis.presence import RedisPresence
 from apix_trio.broker.redis.scripts import PUBLISH, READ
 from apix_trio.broker.redis.sessions import RedisSessionStore
@@ -117,7 +118,12 @@ def _event(entry: Sequence[Any]) -> Event:
 class RedisBroker(Broker):
     """The Broker on Redis Streams. Open it with `open_redis_broker`."""
 
-    def __init__(self, settings: Settings, tuning: RedisTuning) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        tuning: RedisTuning,
+        components: tuple[ScriptBatcher, BusReader] | None = None,
+    ) -> None:
         broker = settings.broker
         self._layout = KeyLayout(broker.key_prefix, broker.bus_shards)
         self._timeout = broker.operation_timeout
@@ -125,6 +131,9 @@ class RedisBroker(Broker):
         self._bus_maxlen = b"%d" % tuning.bus_maxlen
         self._key_cache: dict[tuple[str, str], _EncodedKeys] = {}
         self._retention_cache: dict[Retention, tuple[bytes, ...]] = {}
+        if components is not None:  # cluster or sentinel (modes.open_mode)
+            self.scripts, self.bus = components
+            return
         self.scripts = ScriptBatcher(
             broker.redis_url, self._timeout, broker.publish_wait_replicas, tuning
         )
@@ -305,7 +314,8 @@ async def open_redis_broker(
     down is not an error here (see `ready`).
     """
     tuning = tuning or RedisTuning()
-    broker = RedisBroker(settings, tuning)
+    layout = KeyLayout(settings.broker.key_prefix, settings.broker.bus_shards)
+    broker = RedisBroker(settings, tuning, await open_mode(settings.broker, layout, tuning))
     scripts, bus = broker.scripts, broker.bus
     try:
         async with trio.open_nursery() as nursery:

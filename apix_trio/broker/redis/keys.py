@@ -3,21 +3,21 @@
 Every key starts with the configured prefix, then the hash tag of a bus shard,
 then (for per-org data) the org:
 
-    <prefix>:{b<shard>}:<org>:c:<channel>        channel stream (the events)
-    <prefix>:{b<shard>}:<org>:m:<channel>        channel meta: last id, max deleted id
-    <prefix>:{b<shard>}:<org>:k:<channel>:<key>  idempotency record of one key
-    <prefix>:{b<shard>}:bus                      fan-out bus stream of the shard
-    <prefix>:{b<shard>}:bus:seq                  the bus shard's entry counter
-    <prefix>:{b<shard>}:<org>:r:<channel>        redrive cursors of the channel's groups
-    <prefix>:{o:<org>}:dir:conns                 connection directory: conn -> record
-    <prefix>:{o:<org>}:dir:nodes                 connection directory: node leases
-    <prefix>:{b<shard>}:<org>:p:<channel>        presence members: conn -> member JSON
-    <prefix>:{b<shard>}:<org>:po:<channel>       presence join order: conn, scored by join number
-    <prefix>:{b<shard>}:<org>:pn:<channel>       presence nodes: conn -> node incarnation
-    <prefix>:{b<shard>}:<org>:pu:<channel>       presence users: sub -> members with that sub
-    <prefix>:{b<shard>}:<org>:pm:<channel>       presence meta: last position, join counter
-    <prefix>:{presence}:nodes                    presence node leases (zset, scored by expiry)
-    <prefix>:{presence}:idx:<node>               channels where a node may hold members
+    <prefix>:{<tag>}:<org>:c:<channel>        channel stream (the events)
+    <prefix>:{<tag>}:<org>:m:<channel>        channel meta: last id, max deleted id
+    <prefix>:{<tag>}:<org>:k:<channel>:<key>  idempotency record of one key
+    <prefix>:{<tag>}:bus                      fan-out bus stream of the shard
+    <prefix>:{<tag>}:bus:seq                  the bus shard's entry counter
+    <prefix>:{<tag>}:<org>:r:<channel>        redrive cursors of the channel's groups
+    <prefix>:{o:<org>}:dir:conns              connection directory: conn -> record
+    <prefix>:{o:<org>}:dir:nodes              connection directory: node leases
+    <prefix>:{<tag>}:<org>:p:<channel>        presence members: conn -> member JSON
+    <prefix>:{<tag>}:<org>:po:<channel>       presence join order: conn, scored by join number
+    <prefix>:{<tag>}:<org>:pn:<channel>       presence nodes: conn -> node incarnation
+    <prefix>:{<tag>}:<org>:pu:<channel>       presence users: sub -> members with that sub
+    <prefix>:{<tag>}:<org>:pm:<channel>       presence meta: last position, join counter
+    <prefix>:{presence}:nodes                 presence node leases (zset, scored by expiry)
+    <prefix>:{presence}:idx:<node>            channels where a node may hold members
 
 `shard` is a stable hash (crc32) of (org, channel) modulo `bus_shards`, so a
 channel, its meta, its idempotency records and its bus shard share one hash
@@ -25,6 +25,13 @@ slot, and the publish script touches one slot (Redis Cluster safe). A
 channel's presence keys sit in the slot of its pseudo-channel
 `$presence.<channel>` (`broker.presence`), whose changes go out on that
 slot's bus shard. The node-level presence keys share the `{presence}` tag.
+
+`<tag>` is `b<shard>.<n>` with the smallest `n >= 0` whose hash slot falls in
+the shard's own 1/`bus_shards` share of the 16384 slots (`shard_tag`): shard
+0 in the first share, shard 1 in the second, and so on. On a Redis Cluster,
+whose masters own contiguous slot ranges, the shards (and the channels on
+them) are therefore spread over every master, deterministically: every node
+computes the same tags.
 
 Client-chosen parts (org, channel, idempotency key) are escaped with `escape`:
 every character outside `[A-Za-z0-9_.@-]` becomes `%XX` per UTF-8 byte. After
@@ -41,6 +48,8 @@ Pure: no I/O, no Redis import.
 
 from __future__ import annotations
 
+import binascii
+import functools
 import re
 import string
 import zlib
@@ -53,6 +62,42 @@ _SAFE = frozenset(string.ascii_letters + string.digits + "_.@-")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.@-]")
 
 BUS_SEQ_SUFFIX = "bus:seq"
+SLOTS = 16384
+"""Hash slots of a Redis Cluster."""
+
+
+def hash_slot(key: str | bytes) -> int:
+    """The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag
+    (the part between the first `{` and the next `}`, when not empty) or of
+    the whole key, modulo 16384."""
+    data = key.encode() if isinstance(key, str) else key
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    return binascii.crc_hqx(data, 0) % SLOTS
+
+
+def slot_share(shard: int, shards: int) -> range:
+    """The slots whose keys shard `shard` of `shards` keeps: its 1/`shards` share."""
+    return range(shard * SLOTS // shards, (shard + 1) * SLOTS // shards)
+
+
+@functools.lru_cache(maxsize=8)
+def shard_tags(shards: int) -> tuple[str, ...]:
+    """The hash tag of every shard (see the module docstring): deterministic,
+    each in its shard's share of the slots."""
+    if not 1 <= shards <= SLOTS:
+        raise ValueError(f"bus shards must be 1-{SLOTS}, not {shards}")
+    tags = []
+    for shard in range(shards):
+        share = slot_share(shard, shards)
+        n = 0
+        while hash_slot(f"b{shard}.{n}") not in share:
+            n += 1
+        tags.append(f"b{shard}.{n}")
+    return tuple(tags)
 
 
 def escape(part: str) -> str:
@@ -131,7 +176,11 @@ class KeyLayout:
             raise ValueError("broker.bus_shards must be at least 1")
 
     def tag(self, shard: int) -> str:
-        return f"{self.prefix}:{{b{shard}}}"
+        return f"{self.prefix}:{{{shard_tags(self.bus_shards)[shard]}}}"
+
+    def slot(self, shard: int) -> int:
+        """The hash slot of every key of shard `shard`."""
+        return hash_slot(shard_tags(self.bus_shards)[shard])
 
     def shard_of(self, org: str, channel: str) -> int:
         text = f"{escape(org)}:{escape(channel)}".encode()
