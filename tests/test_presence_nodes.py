@@ -36,7 +36,7 @@ SETTINGS = {
 }
 STEP = 30.0
 MEMBERS = 50
-PRESENCE_KIND = re.compile(r"^apix:\{b[0-9]+\}:[^:]+:(p|po|pn|pu|pm):")
+PRESENCE_KIND = re.compile(r"^apix:\{b[0-9]+(\.[0-9]+)?\}:[^:]+:(p|po|pn|pu|pm):")
 
 
 async def next_presence(client: MemClient) -> tuple[str, dict[str, Any]]:
