@@ -47,6 +47,7 @@ from apix_trio.settings import (
     ServerSettings,
     SessionSettings,
     Settings,
+    StateSettings,
 )
 
 __all__ = ["ConfigError", "describe", "load_settings", "mask_url"]
@@ -68,6 +69,7 @@ _SECTIONS: dict[str, type] = {
     "delivery": DeliverySettings,
     "sessions": SessionSettings,
     "presence": PresenceSettings,
+    "state": StateSettings,
     "log": LogSettings,
     "defaults": ChannelOptions,
 }
@@ -232,6 +234,8 @@ _RULES: dict[str, _Rule] = {
     "delivery.group_prefetch": _int(1, 10_000),
     "sessions.ttl": _seconds(),
     "presence.ttl": _seconds(),
+    "state.max_value_bytes": _int(1),
+    "state.max_keys_per_org": _int(1),
     "log.level": _choice(LOG_LEVELS),
     "log.format": _choice(LOG_FORMATS),
     "defaults.history_size": _int(0),

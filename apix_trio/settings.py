@@ -92,6 +92,12 @@ class PresenceSettings:
 
 
 @attrs.frozen
+class StateSettings:
+    max_value_bytes: int = 65536
+    max_keys_per_org: int = 100000
+
+
+@attrs.frozen
 class LogSettings:
     level: str = "info"
     format: str = "json"
@@ -123,6 +129,7 @@ class Settings:
     delivery: DeliverySettings = attrs.field(factory=DeliverySettings)
     sessions: SessionSettings = attrs.field(factory=SessionSettings)
     presence: PresenceSettings = attrs.field(factory=PresenceSettings)
+    state: StateSettings = attrs.field(factory=StateSettings)
     log: LogSettings = attrs.field(factory=LogSettings)
     defaults: ChannelOptions = attrs.field(factory=ChannelOptions)
     namespaces: tuple[Namespace, ...] = ()

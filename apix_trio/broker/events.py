@@ -42,6 +42,7 @@ from apix_trio.broker.groups import ConsumerGroups
 from apix_trio.broker.leases import ConnectionLeases
 from apix_trio.broker.model import Listener, Page, Published, Retention
 from apix_trio.broker.sessions import SessionStore
+from apix_trio.broker.state import StateStore
 
 
 class Broker(abc.ABC):
@@ -99,6 +100,11 @@ class Broker(abc.ABC):
     def leases(self) -> ConnectionLeases:
         """Connection leases for the cluster-wide per-org connection cap."""
         raise NotImplementedError(f"{type(self).__name__} has no connection leases")
+
+    @property
+    def state(self) -> StateStore:
+        """Versioned state values on this broker (changes fan out like events)."""
+        raise NotImplementedError(f"{type(self).__name__} has no state yet")
 
     @property
     def sessions(self) -> SessionStore:

@@ -49,6 +49,8 @@ class SessionRecord:
     channels: tuple[SessionChannel, ...] = ()
     epoch: int = 0
     """Incremented by every resume; see the module docstring (fencing)."""
+    state: tuple[str, ...] = ()
+    """Subscribed state keys (restored on resume with their current values)."""
 
 
 class SessionStore(abc.ABC):
@@ -89,7 +91,10 @@ def encode_record(record: SessionRecord) -> bytes:
         _drop_defaults({"c": c.channel, "p": c.position, "g": c.group, "r": c.presence})
         for c in record.channels
     ]
-    return orjson.dumps({"u": record.sub, "e": record.epoch, "ch": channels})
+    fields: dict[str, Any] = {"u": record.sub, "e": record.epoch, "ch": channels}
+    if record.state:
+        fields["st"] = record.state
+    return orjson.dumps(fields)
 
 
 def decode_record(session: str, data: bytes | str) -> SessionRecord | None:
@@ -106,10 +111,15 @@ def decode_record(session: str, data: bytes | str) -> SessionRecord | None:
             )
             for item in raw["ch"]
         )
+        state = tuple(str(key) for key in raw.get("st", ()))  # absent in older records
         return SessionRecord(
-            session=session, sub=str(raw["u"]), channels=channels, epoch=int(raw["e"])
+            session=session,
+            sub=str(raw["u"]),
+            channels=channels,
+            state=state,
+            epoch=int(raw["e"]),
         )
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None
 
 

@@ -12,6 +12,7 @@ from apix_trio.commands.base import (
     check_since,
     drop_subscription,
     require_channel_access,
+    require_subscription_room,
 )
 from apix_trio.commands.groups import subscribe_group
 from apix_trio.gateway.connection import Connection
@@ -31,8 +32,7 @@ async def subscribe(conn: Connection, command: f.Subscribe) -> dict[str, Any] | 
     existing = conn.subscriptions.get(channel)
     if existing is not None:
         return {"channel": channel, "position": existing.position, "recovered": True, "replayed": 0}
-    if len(conn.subscriptions) >= conn.hub.settings.limits.max_subscriptions:
-        raise OpError(ErrorCode.LIMIT_EXCEEDED, "too many subscriptions on this connection")
+    require_subscription_room(conn)
     subscription = ChannelSubscription(conn, channel)
     conn.subscriptions[channel] = subscription
     conn.hub.router.add(conn.org, channel, subscription)

@@ -84,6 +84,8 @@ class _Tracked:
     epoch: int = 0
     carried: dict[_ChannelKey, SessionChannel] = attrs.Factory(dict)
     """Channels of a resumed record not restored yet."""
+    carried_state: dict[str, None] = attrs.Factory(dict)
+    """State keys of a resumed record not restored yet (in record order)."""
     restoring: bool = False
     fenced: bool = False
     """A newer connection took the session over: stop writing."""
@@ -184,8 +186,13 @@ class SessionKeeper:
         for channel, group in conn.group_memberships():
             # A group keeps its own delivery state: no position to remember.
             channels[(channel, group)] = SessionChannel(channel, ZERO_TEXT, group=group)
+        state = tuple({**tracked.carried_state, **dict.fromkeys(conn.state_watches)})
         return SessionRecord(
-            conn.session, conn.sub, channels=tuple(channels.values()), epoch=tracked.epoch
+            conn.session,
+            conn.sub,
+            channels=tuple(channels.values()),
+            epoch=tracked.epoch,
+            state=state,
         )
 
     # -- resume ------------------------------------------------------------------
@@ -243,6 +250,7 @@ class SessionKeeper:
             )
             for channel in record.channels
         }
+        tracked.carried_state = dict.fromkeys(record.state)
 
     def carried(self, conn: SessionConnection) -> list[SessionChannel]:
         """The channels `conn` still has to restore, in record order."""
@@ -254,6 +262,17 @@ class SessionKeeper:
         tracked = self._live.get(conn)
         if tracked is not None:
             tracked.carried.pop((channel.channel, channel.group), None)
+
+    def carried_state(self, conn: SessionConnection) -> list[str]:
+        """The state keys `conn` still has to restore, in record order."""
+        tracked = self._live.get(conn)
+        return list(tracked.carried_state) if tracked is not None else []
+
+    def restored_state(self, conn: SessionConnection, key: str) -> None:
+        """One carried state key is restored (or refused): stop carrying it."""
+        tracked = self._live.get(conn)
+        if tracked is not None:
+            tracked.carried_state.pop(key, None)
 
     def restore_done(self, conn: SessionConnection) -> None:
         tracked = self._live.get(conn)

@@ -44,6 +44,7 @@ from apix_trio.protocol.frames import Auth, Command
 from apix_trio.protocol.ids import StreamId
 from apix_trio.protocol.machine import Rejection, ServerProtocol
 from apix_trio.protocol.wire import text_frame_str
+from apix_trio.routing.state import StateWatch
 from apix_trio.routing.subscriptions import ChannelSubscription, SentTracker
 
 OP_QUEUE = 64
@@ -67,6 +68,8 @@ class Connection:
         self.permissions: Permissions | None = None
         self.session = ""
         self.subscriptions: dict[str, ChannelSubscription] = {}
+        self.state_watches: dict[str, StateWatch] = {}
+        """State subscriptions by key (`commands.state`)."""
         self.outbox_limit_items = settings.limits.outbox_size
         self.outbox = Outbox(settings.limits.outbox_size, settings.limits.outbox_bytes)
         self.protocol = ServerProtocol(settings.limits.bad_frames)
@@ -150,12 +153,13 @@ class Connection:
     def enqueue_event(
         self,
         frame: bytes,
-        ts: int,
+        ts: int | None,
         tracker: SentTracker | None = None,
         event_id: StreamId | None = None,
     ) -> None:
         """Send or queue an event frame; `tracker.sent_id` becomes `event_id`
-        once written."""
+        once written. `ts` None: not an event (a presence push), so it is
+        neither counted as delivered nor timed."""
         if not self._deliver(frame, ts, tracker, event_id):
             self._slow_consumer()
 
@@ -275,6 +279,10 @@ class Connection:
         hub.metrics.subscriptions.dec(len(self.subscriptions))
         self.subscriptions.clear()
         hub.groups.leave_all(self)  # unacked group events go to the other members
+        for watch in self.state_watches.values():
+            hub.router.remove(self.org, watch.pseudo_channel, watch)
+        hub.metrics.state_subscribers.dec(len(self.state_watches))
+        self.state_watches.clear()
         self.outbox.close()
         self._ops_send.close()
         self._ops_recv.close()

@@ -126,6 +126,14 @@ class StatePatch:
 
 
 @attrs.frozen
+class StateDelete:
+    op: ClassVar[str] = "state.delete"
+    id: int
+    key: str
+    version: int | None = None
+
+
+@attrs.frozen
 class StateSubscribe:
     op: ClassVar[str] = "state.subscribe"
     id: int
@@ -157,6 +165,7 @@ Command: TypeAlias = (
     | StateGet
     | StateSet
     | StatePatch
+    | StateDelete
     | StateSubscribe
     | StateUnsubscribe
     | Ping
@@ -174,6 +183,7 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     StateGet,
     StateSet,
     StatePatch,
+    StateDelete,
     StateSubscribe,
     StateUnsubscribe,
     Ping,

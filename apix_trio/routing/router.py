@@ -10,10 +10,18 @@ subscriber whose outbox is full is closed as a slow consumer by its own
 connection, and everybody else is unaffected.
 
 An event for a channel nobody here watches costs one dict lookup.
+
+Internal pseudo-channels (names starting with `$`, which no client channel
+can have, e.g. `$presence.<channel>`) travel the same way, in the same
+order, but their frames are not event pushes: the router builds the frame
+once with the encoder registered for the name's first token
+(`set_internal_encoder("$presence", ...)`), or offers an empty frame when
+there is none (the subscribers then build their own).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -22,6 +30,12 @@ from apix_trio.protocol.codec import encode_event_push_bytes
 from apix_trio.protocol.event import Event
 from apix_trio.protocol.ids import StreamId, parse_id
 from apix_trio.protocol.wire import text_frame
+
+INTERNAL_PREFIX = "$"
+"""Channels starting with this are internal (see the module docstring)."""
+
+InternalEncoder = Callable[[str, Event], bytes]
+"""`encoder(pseudo_channel, event)` -> the JSON bytes of the push to send."""
 
 
 class Subscriber(Protocol):
@@ -45,6 +59,12 @@ class Router:
         self._count = 0
         self._dispatched = 0
         self._encoded = 0
+        self._internal: dict[str, InternalEncoder] = {}
+
+    def set_internal_encoder(self, kind: str, encoder: InternalEncoder) -> None:
+        """Build the frames of pseudo-channels `<kind>.<...>` with `encoder`
+        (`kind` includes the `$`, e.g. "$presence")."""
+        self._internal[kind] = encoder
 
     def add(self, org: str, channel: str, subscriber: Subscriber) -> None:
         bucket = self._subscribers.setdefault((org, channel), {})
@@ -71,7 +91,11 @@ class Router:
         if not bucket:
             return
         self._encoded += 1
-        frame = text_frame(encode_event_push_bytes(channel, event))
+        if channel.startswith(INTERNAL_PREFIX):
+            encoder = self._internal.get(channel.partition(".")[0])
+            frame = b"" if encoder is None else text_frame(encoder(channel, event))
+        else:
+            frame = text_frame(encode_event_push_bytes(channel, event))
         event_id = parse_id(event.id)
         # A subscriber may unsubscribe itself (slow consumer) while we iterate.
         for subscriber in list(bucket.values()):

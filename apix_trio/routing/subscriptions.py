@@ -73,7 +73,7 @@ class EventSink(Protocol):
     def enqueue_event(
         self,
         frame: bytes,
-        ts: int,
+        ts: int | None,
         tracker: SentTracker | None = None,
         event_id: StreamId | None = None,
     ) -> None: ...

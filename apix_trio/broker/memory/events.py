@@ -59,6 +59,7 @@ from apix_trio.broker.events import Broker
 from apix_trio.broker.leases import MemoryLeases
 from apix_trio.broker.memory.groups import MemoryGroups
 from apix_trio.broker.memory.sessions import MemorySessionStore
+from apix_trio.broker.memory.state import MemoryState
 from apix_trio.broker.model import TOMBSTONE_GRACE, Listener, Page, Published, Retention
 from apix_trio.protocol import ids
 from apix_trio.protocol.event import Event
@@ -184,6 +185,7 @@ class MemoryBroker(Broker):
         self._sessions = MemorySessionStore(wall_clock=wall_clock)
         self._groups = MemoryGroups(self)
         self._leases = MemoryLeases(wall_clock)
+        self._state = MemoryState(self._to_listener, wall_clock)
 
     @property
     def groups(self) -> MemoryGroups:
@@ -194,6 +196,15 @@ class MemoryBroker(Broker):
     def leases(self) -> MemoryLeases:
         """Connection leases for the per-org cap, in memory."""
         return self._leases
+
+    @property
+    def state(self) -> MemoryState:
+        """State values, in memory; changes go to the listener (`memory/state.py`)."""
+        return self._state
+
+    def _to_listener(self, org: str, channel: str, event: Event) -> None:
+        if self._listener is not None:
+            self._listener(org, channel, event)
 
     @property
     def sessions(self) -> MemorySessionStore:

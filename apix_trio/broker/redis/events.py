@@ -51,6 +51,7 @@ from apix_trio.broker.redis.keys import KeyLayout, escape
 from apix_trio.broker.redis.leases import RedisLeases
 from apix_trio.broker.redis.scripts import PUBLISH, READ
 from apix_trio.broker.redis.sessions import RedisSessionStore
+from apix_trio.broker.redis.state import RedisState
 from apix_trio.broker.redis.support import BACKEND_ERRORS, RedisTuning, cross
 from apix_trio.observability.logs import get_logger
 from apix_trio.protocol import ids
@@ -125,6 +126,11 @@ class RedisBroker(Broker):
     def leases(self) -> RedisLeases:
         """Connection leases for the cluster-wide per-org cap (`leases`)."""
         return RedisLeases(self.scripts, self._layout.prefix)
+
+    @functools.cached_property
+    def state(self) -> RedisState:
+        """State values; changes go out on the bus (`state`)."""
+        return RedisState(self.scripts, self._layout, self._tuning.bus_maxlen)
 
     @property
     def sessions(self) -> RedisSessionStore:

@@ -8,10 +8,15 @@ then (for per-org data) the org:
     <prefix>:{b<shard>}:<org>:k:<channel>:<key>  idempotency record of one key
     <prefix>:{b<shard>}:bus                      fan-out bus stream of the shard
     <prefix>:{b<shard>}:bus:seq                  the bus shard's entry counter
+    <prefix>:{b<s>}:<org>:v:<key>                state value of one key: n = version, v = value
+    <prefix>:{b<s>}:<org>:vn                     the org's count of state keys with a value
 
 `shard` is a stable hash (crc32) of (org, channel) modulo `bus_shards`, so a
 channel, its meta, its idempotency records and its bus shard share one hash
-slot, and the publish script touches one slot (Redis Cluster safe).
+slot, and the publish script touches one slot (Redis Cluster safe). Every
+state key of an org, its counter and the bus shard its changes go out on sit
+in one slot `s`, the shard of the org's pseudo-channel `$state`
+(`state_shard`), so a change and the org-wide limit are one atomic script.
 
 Client-chosen parts (org, channel, idempotency key) are escaped with `escape`:
 every character outside `[A-Za-z0-9_.@-]` becomes `%XX` per UTF-8 byte. After
@@ -79,6 +84,25 @@ class ChannelKeys:
 
 
 @attrs.frozen
+class StateKeys:
+    """The state keys of one org (all in one slot, see the module docstring)."""
+
+    shard: int
+    value_base: str
+    """A key's value hash is `value_base + escape(key)`."""
+    count: str
+    bus: str
+    bus_seq: str
+
+    def value(self, key: str) -> str:
+        return self.value_base + escape(key)
+
+
+STATE_SLOT_CHANNEL = "$state"
+"""The pseudo-channel whose shard holds an org's state (see `KeyLayout.state`)."""
+
+
+@attrs.frozen
 class KeyLayout:
     prefix: str
     bus_shards: int
@@ -106,6 +130,18 @@ class KeyLayout:
             bus=self.bus(shard),
             bus_seq=self.bus_seq(shard),
             key_base=f"{base}:k:{name}:",
+        )
+
+    def state(self, org: str) -> StateKeys:
+        """`org`'s state keys, all in the slot of its `$state` shard."""
+        shard = self.shard_of(org, STATE_SLOT_CHANNEL)
+        base = f"{self.tag(shard)}:{escape(org)}"
+        return StateKeys(
+            shard=shard,
+            value_base=f"{base}:v:",
+            count=f"{base}:vn",
+            bus=self.bus(shard),
+            bus_seq=self.bus_seq(shard),
         )
 
     def bus(self, shard: int) -> str:
