@@ -5,7 +5,7 @@ Theory of operation
 Every authenticated connection has a session (`Connection.session`). The
 node's `SessionKeeper` tracks them and writes their records
 (`broker.sessions.SessionRecord`: subscriptions and per channel the last id
-sent) to the broker's `SessionStore`:
+sent, and the subscribed state keys) to the broker's `SessionStore`:
 
 - on subscribe and unsubscribe, before the reply (`save_now`), so a
   subscription the client was told about survives a crash of this node the
@@ -35,7 +35,8 @@ one by one through the `subscribe` handler itself (permissions are checked
 against the new token, replay after the position comes first), the client's
 positions taking precedence over the server's. Until a channel is restored
 it is "carried": kept in every record saved meanwhile, so a node dying in the
-middle of a resume loses nothing. All channels stay parked (their live events
+middle of a resume loses nothing; state keys are carried the same way until
+`commands.state.restore_state` has watched them again. All channels stay parked (their live events
 held back) until every replay is done and the reply is queued; then each goes
 live in turn. Replays are paged and wait for outbox room
 (`subscriptions.REPLAY_SHARE`), so a huge catch-up is paced by the client's
