@@ -49,6 +49,7 @@ from apix_trio.settings import (
     ServerSettings,
     SessionSettings,
     Settings,
+    StateSettings,
 )
 
 __all__ = ["ConfigError", "describe", "load_settings", "mask_url"]
@@ -74,6 +75,7 @@ _SECTIONS: dict[str, type] = {
     "sessions": SessionSettings,
     "presence": PresenceSettings,
     "api": ApiSettings,
+    "state": StateSettings,
     "log": LogSettings,
     "defaults": ChannelOptions,
 }
@@ -249,6 +251,8 @@ _RULES: dict[str, _Rule] = {
     "api.rate_per_org": _number(0, inclusive=False),
     "api.max_body_bytes": _int(1),
     "presence.max_members": _int(1),
+    "state.max_value_bytes": _int(1),
+    "state.max_keys_per_org": _int(1),
     "log.level": _choice(LOG_LEVELS),
     "log.format": _choice(LOG_FORMATS),
     "defaults.history_size": _int(0),

@@ -104,6 +104,12 @@ class ApiSettings:
 
 
 @attrs.frozen
+class StateSettings:
+    max_value_bytes: int = 65536
+    max_keys_per_org: int = 100000
+
+
+@attrs.frozen
 class LogSettings:
     level: str = "info"
     format: str = "json"
@@ -136,6 +142,7 @@ class Settings:
     sessions: SessionSettings = attrs.field(factory=SessionSettings)
     presence: PresenceSettings = attrs.field(factory=PresenceSettings)
     api: ApiSettings = attrs.field(factory=ApiSettings)
+    state: StateSettings = attrs.field(factory=StateSettings)
     log: LogSettings = attrs.field(factory=LogSettings)
     defaults: ChannelOptions = attrs.field(factory=ChannelOptions)
     namespaces: tuple[Namespace, ...] = ()

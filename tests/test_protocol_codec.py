@@ -23,6 +23,7 @@ from apix_trio.protocol import (
     PushKind,
     Refresh,
     Resume,
+    StateDelete,
     StateGet,
     StatePatch,
     StateSet,
@@ -134,6 +135,11 @@ ROUND_TRIPS: list[tuple[dict[str, Any], object]] = [
         {"op": "state.patch", "id": 11, "key": "k", "patch": {"a": None}, "version": 3},
         StatePatch(11, "k", '{"a":null}', 3),
     ),
+    # RFC 7396: any JSON value is a merge patch (a non-object one replaces the value).
+    ({"op": "state.patch", "id": 11, "key": "k", "patch": [1]}, StatePatch(11, "k", "[1]")),
+    ({"op": "state.patch", "id": 11, "key": "k", "patch": None}, StatePatch(11, "k", "null")),
+    ({"op": "state.delete", "id": 15, "key": "doc.1"}, StateDelete(15, "doc.1")),
+    ({"op": "state.delete", "id": 15, "key": "k", "version": 0}, StateDelete(15, "k", 0)),
     ({"op": "state.subscribe", "id": 12, "key": "k"}, StateSubscribe(12, "k")),
     ({"op": "state.unsubscribe", "id": 13, "key": "k"}, StateUnsubscribe(13, "k")),
     ({"op": "ping", "id": 14}, Ping(14)),
@@ -150,7 +156,7 @@ def test_decode_every_op(fields: dict[str, Any], expected: object) -> None:
 def test_round_trips_cover_every_op() -> None:
     assert {type(expected) for _, expected in ROUND_TRIPS} == set(COMMAND_TYPES)
     assert {cls.op for cls in COMMAND_TYPES} == OPS
-    assert len(OPS) == 14
+    assert len(OPS) == 15
 
 
 def test_publish_data_is_compact_json_text_that_round_trips() -> None:
@@ -214,7 +220,7 @@ def test_missing_or_non_integer_id_is_null(id_json: str) -> None:
     assert (error.id, error.code) == (None, ErrorCode.BAD_REQUEST)
 
 
-@pytest.mark.parametrize("op", [None, 1, "PING", "state", "state.delete", "", "subscribe "])
+@pytest.mark.parametrize("op", [None, 1, "PING", "state", "state.del", "", "subscribe "])
 def test_missing_or_unknown_op_echoes_id(op: object) -> None:
     fields: dict[str, Any] = {"id": 42}
     if op is not None:
@@ -288,8 +294,9 @@ BAD_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"op": "state.set", "key": "k", "value": 1, "version": "1"}, "version"),
     ({"op": "state.set", "key": "k", "value": 1, "version": False}, "version"),
     ({"op": "state.patch", "key": "k"}, "patch"),
-    ({"op": "state.patch", "key": "k", "patch": [1]}, "patch"),
-    ({"op": "state.patch", "key": "k", "patch": None}, "patch"),
+    ({"op": "state.delete"}, "key"),
+    ({"op": "state.delete", "key": "k", "version": -1}, "version"),
+    ({"op": "state.delete", "key": "k", "version": True}, "version"),
     ({"op": "state.patch", "key": "k", "patch": {}, "version": 1.5}, "version"),
     ({"op": "state.subscribe", "key": None}, "key"),
     ({"op": "state.unsubscribe", "key": ""}, "key"),

@@ -96,6 +96,7 @@ VALID_FRAMES = [
     '{"op":"state.patch","id":11,"key":"k","patch":{"x":null},"version":1}',
     '{"op":"state.subscribe","id":12,"key":"k"}',
     '{"op":"state.unsubscribe","id":13,"key":"k"}',
+    '{"op":"state.delete","id":14,"key":"k","version":2}',
     '{"op":"ping","id":14}',
 ]
 

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import attrs
+import orjson
 import pytest
 import redis
 import trio
@@ -99,6 +100,7 @@ async def test_save_then_load_round_trips_every_field(subject: Subject) -> None:
             SessionChannel("chat.lobby", "1732550000999-7", presence=True),
         ),
         epoch=3,
+        state=("doc.1", "cfg.team:blue"),
     )
     assert await subject.store.save("acme", saved, TTL) is True
     assert await subject.store.load("acme", saved.session) == saved
@@ -211,8 +213,17 @@ def test_record_codec_is_compact_and_rejects_garbage() -> None:
         b'{"u": 1}',
         b'{"u":"a","e":"x","ch":[]}',
         b'{"u":"a","e":1,"ch":[{}]}',
+        b'{"u":"a","e":1,"ch":[],"st":5}',
     ):
         assert decode_record("s1", bad) is None
+
+
+def test_record_codec_keeps_state_keys_and_reads_records_without_them() -> None:
+    saved = SessionRecord("s1", "alice", (), 2, state=("doc.1", "doc.2"))
+    assert orjson.loads(encode_record(saved))["st"] == ["doc.1", "doc.2"]
+    assert decode_record("s1", encode_record(saved)) == saved
+    older = b'{"u":"alice","e":2,"ch":[]}'  # written before state subscriptions existed
+    assert decode_record("s1", older) == SessionRecord("s1", "alice", (), 2)
 
 
 # -- Redis only ------------------------------------------------------------------

@@ -44,6 +44,7 @@ from apix_trio.broker.leases import ConnectionLeases
 from apix_trio.broker.model import ChannelInfo, Listener, Page, Published, Retention
 from apix_trio.broker.presence import PresenceStore
 from apix_trio.broker.sessions import SessionStore
+from apix_trio.broker.state import StateStore
 
 
 class Broker(abc.ABC):
@@ -124,6 +125,11 @@ class Broker(abc.ABC):
     def presence(self) -> PresenceStore:
         """Channel presence on this broker (changes fan out like events)."""
         raise NotImplementedError(f"{type(self).__name__} has no presence yet")
+
+    @property
+    def state(self) -> StateStore:
+        """Versioned state values on this broker (changes fan out like events)."""
+        raise NotImplementedError(f"{type(self).__name__} has no state yet")
 
     @property
     def sessions(self) -> SessionStore:

@@ -52,6 +52,8 @@ class SessionRecord:
     conn: str = ""
     """The id of the connection that saved the record last (a resume
     removes that connection from presence: its successor joins instead)."""
+    state: tuple[str, ...] = ()
+    """Subscribed state keys (restored on resume with their current values)."""
 
 
 class SessionStore(abc.ABC):
@@ -95,6 +97,8 @@ def encode_record(record: SessionRecord) -> bytes:
     fields: dict[str, Any] = {"u": record.sub, "e": record.epoch, "ch": channels}
     if record.conn:
         fields["n"] = record.conn
+    if record.state:
+        fields["st"] = record.state
     return orjson.dumps(fields)
 
 
@@ -112,14 +116,16 @@ def decode_record(session: str, data: bytes | str) -> SessionRecord | None:
             )
             for item in raw["ch"]
         )
+        state = tuple(str(key) for key in raw.get("st", ()))  # absent in older records
         return SessionRecord(
             session=session,
             sub=str(raw["u"]),
             channels=channels,
             epoch=int(raw["e"]),
             conn=str(raw.get("n", "")),
+            state=state,
         )
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None
 
 

@@ -197,6 +197,24 @@ class EventOps:
         "total", "users"}`, at most `limit` members (server default 1000)."""
         return await self.call("presence", channel=channel, **_given(limit=limit))
 
+    async def state_get(self, key: str) -> Frame:
+        """Returns `{"value", "version"}` (`None`, 0 when never set)."""
+        return await self.call("state.get", key=key)
+
+    async def state_set(self, key: str, value: Any, *, version: int | None = None) -> Frame:
+        """Replace the value; with `version`, only if that is the current one
+        (compare-and-set: `ApixError` `conflict` carries the current `version`).
+        Returns `{"version"}`."""
+        return await self.call("state.set", key=key, value=value, **_given(version=version))
+
+    async def state_patch(self, key: str, patch: Any, *, version: int | None = None) -> Frame:
+        """Apply an RFC 7396 merge patch (same `version` rule); returns `{"version"}`."""
+        return await self.call("state.patch", key=key, patch=patch, **_given(version=version))
+
+    async def state_delete(self, key: str, *, version: int | None = None) -> Frame:
+        """Set the value to null (same `version` rule); returns `{"version"}`."""
+        return await self.call("state.delete", key=key, **_given(version=version))
+
 
 class Client(EventOps):
     """One authenticated APIX connection; made by `open_client`, not directly.
@@ -335,16 +353,9 @@ class Client(EventOps):
     async def unsubscribe(self, channel: str, *, group: str | None = None) -> Frame:
         return await self.call("unsubscribe", channel=channel, **_given(group=group))
 
-    async def state_get(self, key: str) -> Frame:
-        return await self.call("state.get", key=key)
-
-    async def state_set(self, key: str, value: Any, *, version: int | None = None) -> Frame:
-        return await self.call("state.set", key=key, value=value, **_given(version=version))
-
-    async def state_patch(self, key: str, patch: Any, *, version: int | None = None) -> Frame:
-        return await self.call("state.patch", key=key, patch=patch, **_given(version=version))
 
     async def state_subscribe(self, key: str) -> Frame:
+        """Returns `{"value", "version"}`; `state` pushes follow (see `pushes()`)."""
         return await self.call("state.subscribe", key=key)
 
     async def state_unsubscribe(self, key: str) -> Frame:

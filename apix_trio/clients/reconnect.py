@@ -75,6 +75,11 @@ from apix_trio.clients.client import (
     _reraise_alone,
     open_client,
 )
+from apix_trio.clients.statesync import (
+    StateSnapshot,
+    StateSubscriptionFailed,
+    StateSubscriptions,
+)
 from apix_trio.delivery.backoff import retry_delay
 from apix_trio.protocol.codes import CloseCode
 from apix_trio.protocol.ids import BadStreamId, StreamId, format_id, parse_id
@@ -88,6 +93,8 @@ __all__ = [
     "ReconnectStatistics",
     "ReconnectingClient",
     "Resync",
+    "StateSnapshot",
+    "StateSubscriptionFailed",
     "SubscriptionFailed",
     "TokenProvider",
     "TokenUnavailable",
@@ -138,9 +145,12 @@ class PresenceSnapshot:
     total: int
 
 
-Item: TypeAlias = Frame | Resync | SubscriptionFailed | PresenceSnapshot
+Item: TypeAlias = (
+    Frame | Resync | SubscriptionFailed | PresenceSnapshot | StateSnapshot | StateSubscriptionFailed
+)
 """What `events()` yields: push frames as the server sent them (`event`,
-`presence`, `state`, `token_expiring`, ...) and the wrapper's own notices."""
+`presence`, `state`, `token_expiring`, ...) and the wrapper's own notices
+(`clients.statesync` for the state ones)."""
 
 _Key: TypeAlias = tuple[str, str | None]
 
@@ -204,6 +214,7 @@ class ReconnectingClient(EventOps):
         self._slots: dict[int, _Slot] = {}
         self._wanted: dict[_Key, _Wanted] = {}
         self._positions: dict[str, StreamId] = {}
+        self._state = StateSubscriptions(self._send.send, self._control)
         self._live: Client | None = None
         self._current: Client | None = None
         self._ready = trio.Event()
@@ -290,6 +301,42 @@ class ReconnectingClient(EventOps):
         if client is not None:
             with contextlib.suppress(ApixClosed):  # the next connection drops it
                 await self._control(client, "unsubscribe", channel=channel, **_given(group=group))
+
+    async def state_subscribe(self, key: str) -> Frame | None:
+        """Keep state `key` subscribed on every connection from now on; the
+        application gets a `StateSnapshot`, then gapless `state` pushes
+        (`clients.statesync`).
+
+        Connected: subscribes at once and returns `{"value", "version"}`.
+        Disconnected, or disconnected before the result came: returns None;
+        the subscription is made on the next connection.
+
+        Error handling: a refusal raises `ApixError` and forgets the key.
+        """
+        self._state.want(key)
+        client = self._live
+        if client is None:
+            return None
+        try:
+            return await self._state.subscribe_on(client, key)
+        except ApixClosed:
+            return None
+        except ApixError:
+            self._state.forget(key)
+            raise
+
+    async def state_unsubscribe(self, key: str) -> None:
+        """Stop the state subscription (now if connected, else at the next connection)."""
+        self._state.forget(key)
+        client = self._live
+        if client is not None:
+            with contextlib.suppress(ApixClosed):  # the next connection drops it
+                await self._control(client, "state.unsubscribe", key=key)
+
+    @property
+    def state_versions(self) -> dict[str, int]:
+        """The last version of each subscribed state key handed to the application."""
+        return self._state.versions()
 
     async def aclose(self) -> None:
         """Stop reconnecting and close the connection with 1000 (bounded by
@@ -401,6 +448,7 @@ class ReconnectingClient(EventOps):
         slots, self._slots = self._slots, {}
         for slot in slots.values():
             slot.done.set()  # reply stays None: the caller raises ApixClosed
+        self._state.disconnected()
 
     # -- the pump --------------------------------------------------------------------
 
@@ -419,6 +467,8 @@ class ReconnectingClient(EventOps):
             kind = frame.get("push")
             if kind == "event" and "group" not in frame:
                 await self._hand_event(frame)
+                continue
+            if kind == "state" and await self._state.on_push(state.client, frame):
                 continue
             if kind == "token_expiring":
                 state.nursery.start_soon(self._refresh, state.client)
@@ -469,6 +519,7 @@ class ReconnectingClient(EventOps):
         self._ready.set()
         if missing or extra:
             state.nursery.start_soon(self._reconcile, state.client, missing, extra)
+        await self._state.on_auth(state.client, result, resumed, state.nursery)
 
     async def _on_restored(self, entry: Frame) -> _Key | None:
         """One `channels` entry of a resumed auth: note, resync or drop it."""

@@ -66,6 +66,15 @@ def require_channel_access(conn: Connection, channel: str, action: str) -> None:
         raise OpError(ErrorCode.FORBIDDEN, f"no permission to {action} on {channel}")
 
 
+def require_subscription_room(conn: Connection) -> None:
+    """`limit_exceeded` when the connection already holds
+    `limits.max_subscriptions` subscriptions: channels, consumer groups and
+    state keys together."""
+    taken = len(conn.subscriptions) + conn.hub.groups.count(conn) + len(conn.state_watches)
+    if taken >= conn.hub.settings.limits.max_subscriptions:
+        raise OpError(ErrorCode.LIMIT_EXCEEDED, "too many subscriptions on this connection")
+
+
 def check_since(since: str | None) -> None:
     if since is not None:
         try:

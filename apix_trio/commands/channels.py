@@ -8,11 +8,11 @@ from typing import Any
 
 from apix_trio.commands.base import (
     Later,
-    OpError,
     Then,
     check_since,
     drop_subscription,
     require_channel_access,
+    require_subscription_room,
 )
 from apix_trio.commands.groups import subscribe_group
 from apix_trio.commands.presence import (
@@ -23,7 +23,6 @@ from apix_trio.commands.presence import (
 )
 from apix_trio.gateway.connection import Connection
 from apix_trio.protocol import frames as f
-from apix_trio.protocol.codes import ErrorCode
 from apix_trio.routing.subscriptions import ChannelSubscription
 
 
@@ -56,8 +55,7 @@ async def subscribe(conn: Connection, command: f.Subscribe) -> dict[str, Any] | 
             go_live()
 
         return Then({**again, "presence": presence_result(joined.snapshot)}, presence_live)
-    if len(conn.subscriptions) >= conn.hub.settings.limits.max_subscriptions:
-        raise OpError(ErrorCode.LIMIT_EXCEEDED, "too many subscriptions on this connection")
+    require_subscription_room(conn)
     subscription = ChannelSubscription(conn, channel)
     conn.subscriptions[channel] = subscription
     conn.hub.router.add(conn.org, channel, subscription)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import trio
 
 from apix_trio.broker.model import BrokerUnavailable
-from apix_trio.commands import channels, events, groups, presence, session
+from apix_trio.commands import channels, events, groups, presence, session, state
 from apix_trio.commands.base import Handler, Later, OpError, Then
 from apix_trio.gateway.connection import Connection
 from apix_trio.protocol import frames as f
@@ -101,6 +101,12 @@ HANDLERS: dict[type, Handler] = {
     f.History: events.history,
     f.Ack: groups.ack,
     f.Presence: presence.presence,
+    f.StateGet: state.state_get,
+    f.StateSet: state.state_set,
+    f.StatePatch: state.state_patch,
+    f.StateDelete: state.state_delete,
+    f.StateSubscribe: state.state_subscribe,
+    f.StateUnsubscribe: state.state_unsubscribe,
     f.Ping: session.ping,
 }
 """One handler per op (PROTOCOL.md's op table); an op without one answers `bad_request`."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from apix_trio.broker.groups import dead_letter_channel
-from apix_trio.commands.base import OpError, require_channel_access
+from apix_trio.commands.base import OpError, require_channel_access, require_subscription_room
 from apix_trio.delivery.groups import NotAMember
 from apix_trio.gateway.connection import Connection
 from apix_trio.protocol import frames as f
@@ -30,9 +30,7 @@ async def subscribe_group(conn: Connection, command: f.Subscribe, group: str) ->
             ErrorCode.BAD_REQUEST, f"{channel} is too long for a group: {channel}.dlq is no channel"
         )
     if not hub.groups.is_member(conn, channel, group):
-        limit = hub.settings.limits.max_subscriptions
-        if len(conn.subscriptions) + hub.groups.count(conn) >= limit:
-            raise OpError(ErrorCode.LIMIT_EXCEEDED, "too many subscriptions on this connection")
+        require_subscription_room(conn)
         await hub.groups.join(conn, channel, group)
         await hub.sessions.save_now(conn)
     position = await hub.broker.position(conn.org, channel)

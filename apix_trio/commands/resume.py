@@ -3,8 +3,10 @@
 `load_session` finds the record (same org by key, same sub by check);
 `resume_session` takes it over (`delivery.sessions.SessionKeeper.adopt`) and
 returns a `Later` that saves it, restores every subscription through the
-`subscribe` handler itself (permissions against the new token, replay first),
-and makes the auth reply. See `delivery.sessions` for the whole theory.
+`subscribe` handler itself (permissions against the new token, replay first)
+and every state subscription (`commands.state.restore_state`: the result's
+`state` list of current values), and makes the auth reply. See
+`delivery.sessions` for the whole theory.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from apix_trio.broker.model import BrokerUnavailable
 from apix_trio.broker.sessions import SessionRecord
 from apix_trio.commands.base import Later, OpError, Then
 from apix_trio.commands.channels import subscribe
+from apix_trio.commands.state import restore_state
 from apix_trio.gateway.connection import Connection
 from apix_trio.protocol import frames as f
 
@@ -82,6 +85,8 @@ async def _restore(conn: Connection, previous_conn: str) -> Then:
             entry.update(outcome)
         keeper.restored(conn, channel)
         results.append(entry)
+    state, state_live = await restore_state(conn)
+    go_live.extend(state_live)
     keeper.restore_done(conn)
     await keeper.save_now(conn)
     replayed = sum(int(entry.get("replayed", 0)) for entry in results)
@@ -91,7 +96,8 @@ async def _restore(conn: Connection, previous_conn: str) -> Then:
         for after in go_live:
             await after()
 
-    return Then({**conn.auth_result(resumed=True), "channels": results}, go_live_all)
+    result = {**conn.auth_result(resumed=True), "channels": results, "state": state}
+    return Then(result, go_live_all)
 
 
 async def _evict(conn: Connection, channel: str, previous_conn: str) -> None:

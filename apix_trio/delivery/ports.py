@@ -98,6 +98,11 @@ class SessionConnection(Protocol):
         """(channel, group) of every group this connection is a member of."""
         ...
 
+    @property
+    def state_watches(self) -> Mapping[str, object]:
+        """The connection's state subscriptions, by key."""
+        ...
+
 
 class NodeServices(Protocol):
     """The node's shared services that group readers use."""

@@ -5,7 +5,7 @@ Theory of operation
 Every authenticated connection has a session (`Connection.session`). The
 node's `SessionKeeper` tracks them and writes their records
 (`broker.sessions.SessionRecord`: subscriptions and per channel the last id
-sent) to the broker's `SessionStore`:
+sent, and the subscribed state keys) to the broker's `SessionStore`:
 
 - on subscribe and unsubscribe, before the reply (`save_now`), so a
   subscription the client was told about survives a crash of this node the
@@ -35,7 +35,8 @@ one by one through the `subscribe` handler itself (permissions are checked
 against the new token, replay after the position comes first), the client's
 positions taking precedence over the server's. Until a channel is restored
 it is "carried": kept in every record saved meanwhile, so a node dying in the
-middle of a resume loses nothing. All channels stay parked (their live events
+middle of a resume loses nothing; state keys are carried the same way until
+`commands.state.restore_state` has watched them again. All channels stay parked (their live events
 held back) until every replay is done and the reply is queued; then each goes
 live in turn. Replays are paged and wait for outbox room
 (`subscriptions.REPLAY_SHARE`), so a huge catch-up is paced by the client's
@@ -84,6 +85,8 @@ class _Tracked:
     epoch: int = 0
     carried: dict[_ChannelKey, SessionChannel] = attrs.Factory(dict)
     """Channels of a resumed record not restored yet."""
+    carried_state: dict[str, None] = attrs.Factory(dict)
+    """State keys of a resumed record not restored yet (in record order)."""
     restoring: bool = False
     fenced: bool = False
     """A newer connection took the session over: stop writing."""
@@ -184,12 +187,14 @@ class SessionKeeper:
         for channel, group in conn.group_memberships():
             # A group keeps its own delivery state: no position to remember.
             channels[(channel, group)] = SessionChannel(channel, ZERO_TEXT, group=group)
+        state = tuple({**tracked.carried_state, **dict.fromkeys(conn.state_watches)})
         return SessionRecord(
             conn.session,
             conn.sub,
             channels=tuple(channels.values()),
             epoch=tracked.epoch,
             conn=conn.id,
+            state=state,
         )
 
     # -- resume ------------------------------------------------------------------
@@ -247,6 +252,7 @@ class SessionKeeper:
             )
             for channel in record.channels
         }
+        tracked.carried_state = dict.fromkeys(record.state)
 
     def carried(self, conn: SessionConnection) -> list[SessionChannel]:
         """The channels `conn` still has to restore, in record order."""
@@ -258,6 +264,17 @@ class SessionKeeper:
         tracked = self._live.get(conn)
         if tracked is not None:
             tracked.carried.pop((channel.channel, channel.group), None)
+
+    def carried_state(self, conn: SessionConnection) -> list[str]:
+        """The state keys `conn` still has to restore, in record order."""
+        tracked = self._live.get(conn)
+        return list(tracked.carried_state) if tracked is not None else []
+
+    def restored_state(self, conn: SessionConnection, key: str) -> None:
+        """One carried state key is restored (or refused): stop carrying it."""
+        tracked = self._live.get(conn)
+        if tracked is not None:
+            tracked.carried_state.pop(key, None)
 
     def restore_done(self, conn: SessionConnection) -> None:
         tracked = self._live.get(conn)

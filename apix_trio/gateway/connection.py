@@ -44,6 +44,7 @@ from apix_trio.protocol.frames import Auth, Command
 from apix_trio.protocol.ids import StreamId
 from apix_trio.protocol.machine import Rejection, ServerProtocol
 from apix_trio.protocol.wire import text_frame_str
+from apix_trio.routing.state import StateWatch
 from apix_trio.routing.subscriptions import ChannelSubscription, SentTracker
 
 OP_QUEUE = 64
@@ -67,6 +68,8 @@ class Connection:
         self.permissions: Permissions | None = None
         self.session = ""
         self.subscriptions: dict[str, ChannelSubscription] = {}
+        self.state_watches: dict[str, StateWatch] = {}
+        """State subscriptions by key (`commands.state`)."""
         self.outbox_limit_items = settings.limits.outbox_size
         self.outbox = Outbox(settings.limits.outbox_size, settings.limits.outbox_bytes)
         self.protocol = ServerProtocol(settings.limits.bad_frames)
@@ -278,6 +281,10 @@ class Connection:
         hub.metrics.subscriptions.dec(len(self.subscriptions))
         self.subscriptions.clear()
         hub.groups.leave_all(self)  # unacked group events go to the other members
+        for watch in self.state_watches.values():
+            hub.router.remove(self.org, watch.pseudo_channel, watch)
+        hub.metrics.state_subscribers.dec(len(self.state_watches))
+        self.state_watches.clear()
         self.outbox.close()
         self._ops_send.close()
         self._ops_recv.close()

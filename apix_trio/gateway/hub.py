@@ -26,6 +26,7 @@ from apix_trio.observability.metrics import Metrics
 from apix_trio.protocol.frames import Command
 from apix_trio.routing.namespaces import Namespaces
 from apix_trio.routing.router import Router
+from apix_trio.routing.state import STATE_KIND, encode_state_push
 from apix_trio.settings import Settings
 
 
@@ -87,6 +88,7 @@ class Hub:
         self.router.handle_internal(CONTROL_CHANNEL, self.control.handle)
         if self.presence is None:
             self.presence = PresenceService(self)
+        self.router.set_internal_encoder(STATE_KIND, encode_state_push)
         self.broker.set_listener(self.router.dispatch)
 
     def wall(self) -> float:

@@ -102,6 +102,12 @@ class Metrics:
             "apix_broker_unavailable", "Ops answered unavailable", registry=r
         )
         self.subscriptions = Gauge("apix_subscriptions", "Live channel subscriptions", registry=r)
+        self.state_changes = Counter(
+            "apix_state_changes", "State changes (set, patch, delete) made by this node", registry=r
+        )
+        self.state_subscribers = Gauge(
+            "apix_state_subscribers", "Live state subscriptions (connection, key)", registry=r
+        )
         self.group_readers = Gauge(
             "apix_group_readers", "Consumer-group readers (channel, group) on this node", registry=r
         )

@@ -9,7 +9,7 @@ string. Rules a client author can rely on:
 - once the id is known every error echoes it: unknown or missing `op`,
   missing or invalid field;
 - an optional field given as JSON `null` counts as absent (`"since": null`
-  is "no since"). Required JSON payloads (`data`, `value`) may be `null`;
+  is "no since"). Required JSON payloads (`data`, `value`, `patch`) may be `null`;
 - unknown extra fields are ignored.
 
 Encoding promises: every encoder makes exactly one `orjson.dumps` call and
@@ -254,7 +254,7 @@ def _state_patch(r: _Fields) -> f.Command:
     return f.StatePatch(
         r.id,
         r.state_key(),
-        r.json_text("patch", object_only=True),
+        r.json_text("patch"),  # any JSON value (RFC 7396: a non-object replaces)
         r.optional_int("version", 0, INT64_MAX),
     )
 
@@ -271,6 +271,9 @@ _DECODERS: dict[str, Callable[[_Fields], f.Command]] = {
     f.StateGet.op: lambda r: f.StateGet(r.id, r.state_key()),
     f.StateSet.op: _state_set,
     f.StatePatch.op: _state_patch,
+    f.StateDelete.op: lambda r: f.StateDelete(
+        r.id, r.state_key(), r.optional_int("version", 0, INT64_MAX)
+    ),
     f.StateSubscribe.op: lambda r: f.StateSubscribe(r.id, r.state_key()),
     f.StateUnsubscribe.op: lambda r: f.StateUnsubscribe(r.id, r.state_key()),
     f.Ping.op: lambda r: f.Ping(r.id),

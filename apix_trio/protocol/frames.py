@@ -129,6 +129,14 @@ class StatePatch:
 
 
 @attrs.frozen
+class StateDelete:
+    op: ClassVar[str] = "state.delete"
+    id: int
+    key: str
+    version: int | None = None
+
+
+@attrs.frozen
 class StateSubscribe:
     op: ClassVar[str] = "state.subscribe"
     id: int
@@ -160,6 +168,7 @@ Command: TypeAlias = (
     | StateGet
     | StateSet
     | StatePatch
+    | StateDelete
     | StateSubscribe
     | StateUnsubscribe
     | Ping
@@ -177,6 +186,7 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     StateGet,
     StateSet,
     StatePatch,
+    StateDelete,
     StateSubscribe,
     StateUnsubscribe,
     Ping,

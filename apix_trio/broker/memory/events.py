@@ -61,6 +61,7 @@ from apix_trio.broker.memory.directory import MemoryDirectory
 from apix_trio.broker.memory.groups import MemoryGroups
 from apix_trio.broker.memory.presence import MemoryPresence
 from apix_trio.broker.memory.sessions import MemorySessionStore
+from apix_trio.broker.memory.state import MemoryState
 from apix_trio.broker.model import (
     TOMBSTONE_GRACE,
     ChannelInfo,
@@ -196,6 +197,7 @@ class MemoryBroker(Broker):
         self._leases = MemoryLeases(wall_clock)
         self._directory = MemoryDirectory(wall_clock)
         self._presence = MemoryPresence(self._fan_out, wall_clock)
+        self._state = MemoryState(self._fan_out, wall_clock)
 
     @property
     def groups(self) -> MemoryGroups:
@@ -216,6 +218,11 @@ class MemoryBroker(Broker):
     def presence(self) -> MemoryPresence:
         """Channel presence, in memory; changes go to the listener (`memory/presence.py`)."""
         return self._presence
+
+    @property
+    def state(self) -> MemoryState:
+        """State values, in memory; changes go to the listener (`memory/state.py`)."""
+        return self._state
 
     def _fan_out(self, org: str, channel: str, event: Event) -> None:
         if self._listener is not None:

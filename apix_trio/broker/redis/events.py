@@ -63,6 +63,7 @@ from apix_trio.broker.redis.modes import open_mode
 from apix_trio.broker.redis.presence import RedisPresence
 from apix_trio.broker.redis.scripts import PUBLISH, READ
 from apix_trio.broker.redis.sessions import RedisSessionStore
+from apix_trio.broker.redis.state import RedisState
 from apix_trio.broker.redis.support import RedisTuning
 from apix_trio.observability.logs import get_logger
 from apix_trio.protocol import ids
@@ -158,6 +159,11 @@ class RedisBroker(Broker):
     def presence(self) -> RedisPresence:
         """Channel presence; changes go out on the bus (`presence`)."""
         return RedisPresence(self.scripts, self._layout, self._tuning.bus_maxlen)
+
+    @functools.cached_property
+    def state(self) -> RedisState:
+        """State values; changes go out on the bus (`state`)."""
+        return RedisState(self.scripts, self._layout, self._tuning.bus_maxlen)
 
     @property
     def sessions(self) -> RedisSessionStore:

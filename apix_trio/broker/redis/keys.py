@@ -18,13 +18,18 @@ then (for per-org data) the org:
     <prefix>:{<tag>}:<org>:pm:<channel>       presence meta: last position, join counter
     <prefix>:{presence}:nodes                 presence node leases (zset, scored by expiry)
     <prefix>:{presence}:idx:<node>            channels where a node may hold members
+    <prefix>:{<tag>}:<org>:v:<key>            state value of one key: n = version, v = value
+    <prefix>:{<tag>}:<org>:vn                 the org's count of state keys with a value
 
 `shard` is a stable hash (crc32) of (org, channel) modulo `bus_shards`, so a
 channel, its meta, its idempotency records and its bus shard share one hash
 slot, and the publish script touches one slot (Redis Cluster safe). A
 channel's presence keys sit in the slot of its pseudo-channel
 `$presence.<channel>` (`broker.presence`), whose changes go out on that
-slot's bus shard. The node-level presence keys share the `{presence}` tag.
+slot's bus shard. The node-level presence keys share the `{presence}` tag. Every
+state key of an org, its counter and the bus shard its changes go out on sit
+in one slot `s`, the shard of the org's pseudo-channel `$state`
+(`state_shard`), so a change and the org-wide limit are one atomic script.
 
 `<tag>` is `b<shard>.<n>` with the smallest `n >= 0` whose hash slot falls in
 the shard's own 1/`bus_shards` share of the 16384 slots (`shard_tag`): shard
@@ -166,6 +171,25 @@ class PresenceKeys:
 
 
 @attrs.frozen
+class StateKeys:
+    """The state keys of one org (all in one slot, see the module docstring)."""
+
+    shard: int
+    value_base: str
+    """A key's value hash is `value_base + escape(key)`."""
+    count: str
+    bus: str
+    bus_seq: str
+
+    def value(self, key: str) -> str:
+        return self.value_base + escape(key)
+
+
+STATE_SLOT_CHANNEL = "$state"
+"""The pseudo-channel whose shard holds an org's state (see `KeyLayout.state`)."""
+
+
+@attrs.frozen
 class KeyLayout:
     prefix: str
     bus_shards: int
@@ -211,6 +235,18 @@ class KeyLayout:
             nodes=f"{base}:pn:{name}",
             users=f"{base}:pu:{name}",
             meta=f"{base}:pm:{name}",
+            bus=self.bus(shard),
+            bus_seq=self.bus_seq(shard),
+        )
+
+    def state(self, org: str) -> StateKeys:
+        """`org`'s state keys, all in the slot of its `$state` shard."""
+        shard = self.shard_of(org, STATE_SLOT_CHANNEL)
+        base = f"{self.tag(shard)}:{escape(org)}"
+        return StateKeys(
+            shard=shard,
+            value_base=f"{base}:v:",
+            count=f"{base}:vn",
             bus=self.bus(shard),
             bus_seq=self.bus_seq(shard),
         )
