@@ -250,7 +250,7 @@ def check_state_keys(found: dict[str, dict[str, str] | str], matched: dict[str, 
         org = parts[2]
         assert org in values, f"{key}: no such org"
         # All of an org's state sits in the slot of its `$state` shard.
-        assert parts[1] == f"{{b{layout.state(org).shard}}}", key
+        assert f"apix:{parts[1]}" == layout.tag(layout.state(org).shard), key
         if parts[3] == "vn":
             assert len(parts) == 4, key
             assert isinstance(content, str)
