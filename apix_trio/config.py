@@ -36,6 +36,7 @@ import cattrs
 
 from apix_trio.auth.permissions import BadPattern, parse_pattern
 from apix_trio.settings import (
+    AuditSettings,
     AuthSettings,
     BrokerSettings,
     ChannelOptions,
@@ -68,6 +69,7 @@ _SECTIONS: dict[str, type] = {
     "delivery": DeliverySettings,
     "sessions": SessionSettings,
     "presence": PresenceSettings,
+    "audit": AuditSettings,
     "log": LogSettings,
     "defaults": ChannelOptions,
 }
@@ -232,6 +234,8 @@ _RULES: dict[str, _Rule] = {
     "delivery.group_prefetch": _int(1, 10_000),
     "sessions.ttl": _seconds(),
     "presence.ttl": _seconds(),
+    "audit.max_entries": _int(1),
+    "audit.ttl": _seconds(),
     "log.level": _choice(LOG_LEVELS),
     "log.format": _choice(LOG_FORMATS),
     "defaults.history_size": _int(0),

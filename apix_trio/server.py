@@ -9,6 +9,9 @@ serve(settings)
 │   ├── session keeper   session records: periodic and final writes (delivery/sessions.py)
 │   ├── group manager    one reader per (org, channel, group) with local members
 │   │                    (delivery/groups.py, group_reader.py); releases their events on exit
+│   ├── audit writer     batches of audit entries -> the org trails (observability/audit.py)
+│   ├── latency sharing  per-org latency snapshots -> the broker (observability/latency.py)
+│   ├── delivery canary  readiness: an internal event must come back (delivery/canary.py)
 │   └── http api         hypercorn: health, readiness, metrics, server API
 └── connections nursery  outlives the accept loop (graceful drain)
     ├── accept loop      trio.serve_listeners, handler nursery = connections nursery
@@ -125,6 +128,9 @@ async def serve(
             await services.start(hub.sessions.serve)
             await services.start(hub.groups.run)
             await services.start(hub.slots.run)
+            await services.start(hub.audit.serve)
+            await services.start(hub.latency.serve)
+            await services.start(hub.canary.serve)
             async with trio.open_nursery() as connections:
                 listeners = await trio.open_tcp_listeners(
                     settings.server.ws_port, host=settings.server.host

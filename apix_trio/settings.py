@@ -92,6 +92,12 @@ class PresenceSettings:
 
 
 @attrs.frozen
+class AuditSettings:
+    max_entries: int = 100_000
+    ttl: float = 2_592_000.0
+
+
+@attrs.frozen
 class LogSettings:
     level: str = "info"
     format: str = "json"
@@ -123,6 +129,7 @@ class Settings:
     delivery: DeliverySettings = attrs.field(factory=DeliverySettings)
     sessions: SessionSettings = attrs.field(factory=SessionSettings)
     presence: PresenceSettings = attrs.field(factory=PresenceSettings)
+    audit: AuditSettings = attrs.field(factory=AuditSettings)
     log: LogSettings = attrs.field(factory=LogSettings)
     defaults: ChannelOptions = attrs.field(factory=ChannelOptions)
     namespaces: tuple[Namespace, ...] = ()

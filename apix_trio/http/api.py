@@ -154,8 +154,8 @@ def make_app(hub: Hub) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
             if path == "/api/v1/health" and method == "GET":
                 await _json(send, 200, {"status": "ok", "node": hub.settings.server.node_id})
             elif path == "/api/v1/ready" and method == "GET":
-                ready = hub.broker.ready and hub.accepting
-                payload = {"ready": ready, "broker": hub.broker.ready, "accepting": hub.accepting}
+                ready, reason = hub.readiness()
+                payload = {"ready": ready, "node": hub.settings.server.node_id, "reason": reason}
                 await _json(send, 200 if ready else 503, payload)
             elif path == "/metrics" and method == "GET":
                 await _respond(send, 200, hub.metrics.render(), b"text/plain; version=0.0.4")

@@ -57,7 +57,9 @@ import trio
 
 from apix_trio.broker.events import Broker
 from apix_trio.broker.leases import MemoryLeases
+from apix_trio.broker.memory.audit import MemoryAuditLog
 from apix_trio.broker.memory.groups import MemoryGroups
+from apix_trio.broker.memory.latency import MemoryLatencySnapshots
 from apix_trio.broker.memory.sessions import MemorySessionStore
 from apix_trio.broker.model import TOMBSTONE_GRACE, Listener, Page, Published, Retention
 from apix_trio.protocol import ids
@@ -184,6 +186,8 @@ class MemoryBroker(Broker):
         self._sessions = MemorySessionStore(wall_clock=wall_clock)
         self._groups = MemoryGroups(self)
         self._leases = MemoryLeases(wall_clock)
+        self._audit = MemoryAuditLog(wall_clock=wall_clock)
+        self._latency = MemoryLatencySnapshots()
 
     @property
     def groups(self) -> MemoryGroups:
@@ -199,6 +203,16 @@ class MemoryBroker(Broker):
     def sessions(self) -> MemorySessionStore:
         """Session records, in memory, on the broker's wall clock."""
         return self._sessions
+
+    @property
+    def audit(self) -> MemoryAuditLog:
+        """The org audit trails, in memory, on the broker's wall clock."""
+        return self._audit
+
+    @property
+    def latency(self) -> MemoryLatencySnapshots:
+        """Latency snapshots (this node's own), in memory."""
+        return self._latency
 
     def set_listener(self, listener: Listener) -> None:
         """Call `listener` for every event published from now on, before the

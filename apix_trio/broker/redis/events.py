@@ -44,10 +44,12 @@ import trio_asyncio
 
 from apix_trio.broker.events import Broker
 from apix_trio.broker.model import TOMBSTONE_GRACE, Listener, Page, Published, Retention
+from apix_trio.broker.redis.audit import RedisAuditLog
 from apix_trio.broker.redis.batch import BatchStatistics, ScriptBatcher
 from apix_trio.broker.redis.bus import BusReader, BusStatistics
 from apix_trio.broker.redis.groups import RedisGroups
 from apix_trio.broker.redis.keys import KeyLayout, escape
+from apix_trio.broker.redis.latency import RedisLatencySnapshots
 from apix_trio.broker.redis.leases import RedisLeases
 from apix_trio.broker.redis.scripts import PUBLISH, READ
 from apix_trio.broker.redis.sessions import RedisSessionStore
@@ -125,6 +127,16 @@ class RedisBroker(Broker):
     def leases(self) -> RedisLeases:
         """Connection leases for the cluster-wide per-org cap (`leases`)."""
         return RedisLeases(self.scripts, self._layout.prefix)
+
+    @functools.cached_property
+    def audit(self) -> RedisAuditLog:
+        """The org audit trails, one stream per org (`redis/audit.py`)."""
+        return RedisAuditLog(self.scripts, self._layout)
+
+    @functools.cached_property
+    def latency(self) -> RedisLatencySnapshots:
+        """Per-org latency snapshots, one hash per org (`redis/latency.py`)."""
+        return RedisLatencySnapshots(self.scripts, self._layout)
 
     @property
     def sessions(self) -> RedisSessionStore:

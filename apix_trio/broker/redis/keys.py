@@ -8,6 +8,8 @@ then (for per-org data) the org:
     <prefix>:{b<shard>}:<org>:k:<channel>:<key>  idempotency record of one key
     <prefix>:{b<shard>}:bus                      fan-out bus stream of the shard
     <prefix>:{b<shard>}:bus:seq                  the bus shard's entry counter
+    <prefix>:<org>:audit                         the org's audit trail (stream: redis/audit.py)
+    <prefix>:<org>:lat                           the org's latency snapshots (redis/latency.py)
 
 `shard` is a stable hash (crc32) of (org, channel) modulo `bus_shards`, so a
 channel, its meta, its idempotency records and its bus shard share one hash
@@ -116,6 +118,14 @@ class KeyLayout:
 
     def buses(self) -> list[str]:
         return [self.bus(shard) for shard in range(self.bus_shards)]
+
+    def audit(self, org: str) -> str:
+        """The org's audit trail (one key: no hash tag needed)."""
+        return f"{self.prefix}:{escape(org)}:audit"
+
+    def latency(self, org: str) -> str:
+        """The org's latency snapshots, one hash field per (slot, node)."""
+        return f"{self.prefix}:{escape(org)}:lat"
 
     def org_pattern(self, org: str) -> str:
         """A SCAN MATCH pattern for every key of `org` (for operators and tests)."""
