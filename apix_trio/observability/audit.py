@@ -256,17 +256,26 @@ class AuditTrail:
         if not batch:
             return
         assert self._write is not None
-        error = "timed out"
-        with trio.move_on_after(within):
-            try:
-                await self._write(batch)
-            except Exception as exc:  # BrokerUnavailable and anything else: never fatal
-                error = str(exc) or type(exc).__name__
-            else:
-                self._written += len(batch)
-                self._stored.inc(len(batch))
-                return
-        self._drop(batch, error)
+        outcome: str | None = None  # None while in flight
+        try:
+            with trio.move_on_after(within):
+                try:
+                    await self._write(batch)
+                    outcome = ""
+                except Exception as exc:  # BrokerUnavailable and anything else: never fatal
+                    outcome = str(exc) or type(exc).__name__
+            if outcome is None:
+                outcome = "timed out"
+        finally:
+            if outcome is None:
+                # Cancelled from outside (shutdown): back to the front of the
+                # queue, for the final flush.
+                self._queue.extendleft(reversed(batch))
+        if outcome:
+            self._drop(batch, outcome)
+        else:
+            self._written += len(batch)
+            self._stored.inc(len(batch))
 
     def _drop(self, entries: list[AuditRecord], why: str) -> None:
         self._dropped_count += len(entries)
