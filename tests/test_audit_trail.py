@@ -69,7 +69,9 @@ async def test_records_are_written_in_batches_with_node_and_time(autojump_clock:
     async with trio.open_nursery() as nursery:
         await nursery.start(trail.serve)
         await trio.sleep(5)
-        trail.record("acme", "auth.ok", sub="alice", conn="c1", ip="10.0.0.9", detail={"via": "auth"})
+        trail.record(
+            "acme", "auth.ok", sub="alice", conn="c1", ip="10.0.0.9", detail={"via": "auth"}
+        )
         for n in range(4):
             trail.record("acme", "rate.limited", sub="bob", detail={"n": n})
         await trio.testing.wait_all_tasks_blocked()
@@ -149,9 +151,10 @@ async def test_a_stalled_store_costs_one_write_timeout_and_never_blocks_record(
         for _ in range(100):  # meanwhile: synchronous, no time passes
             trail.record("acme", "auth.ok")
         assert trio.current_time() == start
-        while trail.statistics().dropped < 1:
-            await trio.sleep(0.1)
-        assert trio.current_time() == pytest.approx(start + 2.5, abs=0.1)
+        await trio.sleep_until(start + 2.499)
+        assert trail.statistics().dropped == 0
+        await trio.sleep_until(start + 2.501)
+        assert trail.statistics().dropped == 1  # the stuck batch, at write_timeout
         nursery.cancel_scope.cancel()
     # the rest was tried once more on shutdown (FINAL_FLUSH), then dropped
     assert trail.statistics().dropped == 101

@@ -10,6 +10,10 @@ subscriber whose outbox is full is closed as a slow consumer by its own
 connection, and everybody else is unaffected.
 
 An event for a channel nobody here watches costs one dict lookup.
+
+Orgs starting with `INTERNAL_PREFIX` (`$`, which no token's org can) are the
+node's own, e.g. the delivery canary's `$apix`: routed like any other, but
+not counted in `statistics()`, which describes client subscriptions.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from apix_trio.protocol.codec import encode_event_push_bytes
 from apix_trio.protocol.event import Event
 from apix_trio.protocol.ids import StreamId, parse_id
 from apix_trio.protocol.wire import text_frame
+
+INTERNAL_PREFIX = "$"
 
 
 class Subscriber(Protocol):
@@ -43,6 +49,7 @@ class Router:
     def __init__(self) -> None:
         self._subscribers: dict[tuple[str, str], dict[int, Subscriber]] = {}
         self._count = 0
+        self._internal: set[tuple[str, str]] = set()  # (org, channel) of internal orgs
         self._dispatched = 0
         self._encoded = 0
 
@@ -50,14 +57,21 @@ class Router:
         bucket = self._subscribers.setdefault((org, channel), {})
         if id(subscriber) not in bucket:
             bucket[id(subscriber)] = subscriber
-            self._count += 1
+            if org.startswith(INTERNAL_PREFIX):
+                self._internal.add((org, channel))
+            else:
+                self._count += 1
 
     def remove(self, org: str, channel: str, subscriber: Subscriber) -> None:
         """Forget a subscriber; removing one that is not there is a no-op."""
         bucket = self._subscribers.get((org, channel))
         if bucket is None or bucket.pop(id(subscriber), None) is None:
             return
-        self._count -= 1
+        if org.startswith(INTERNAL_PREFIX):
+            if not bucket:
+                self._internal.discard((org, channel))
+        else:
+            self._count -= 1
         if not bucket:
             del self._subscribers[(org, channel)]
 
@@ -79,7 +93,7 @@ class Router:
 
     def statistics(self) -> RouterStatistics:
         return RouterStatistics(
-            channels=len(self._subscribers),
+            channels=len(self._subscribers) - len(self._internal),
             subscriptions=self._count,
             dispatched=self._dispatched,
             encoded=self._encoded,
