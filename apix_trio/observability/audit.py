@@ -10,8 +10,10 @@ side of it. Code that witnesses an auditable occurrence calls
 and appends it to a bounded deque. It never awaits, never raises, and costs
 about a microsecond, so it can sit on any path, the publish path included.
 
-`AuditTrail.serve` (a task in the server's services nursery) takes up to
-`batch_size` queued records at a time and hands them to the store's
+`AuditTrail.serve` (a task in the server's services nursery) waits `linger`
+seconds after the first queued record, so that records arriving meanwhile
+share its batch (a wake-up per record costs more than the record), then
+takes up to `batch_size` queued records at a time and hands them to the store's
 `append_many`. Nothing is retried: when the queue is full, or a write fails
 (the backend is down or too slow), the records concerned are written to the
 JSON log as `audit_dropped` lines (each with the whole entry, so nothing is
@@ -42,7 +44,7 @@ import attrs
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
-from apix_trio.observability.logs import get_logger, redact_value
+from apix_trio.observability.logs import _is_secret_key, get_logger, redact_value
 
 log = get_logger("apix.audit")
 
@@ -52,6 +54,9 @@ BATCH_SIZE = 256
 """Records per `append_many` call."""
 WRITE_TIMEOUT = 5.0
 """Seconds one batch may take before it counts as failed (dropped)."""
+LINGER = 0.05
+"""Seconds the writer waits after the first queued record for more to join
+its batch (one wake-up per record would cost more than the record)."""
 FINAL_FLUSH = 1.0
 """Seconds the writer spends on what is still queued when it is cancelled."""
 
@@ -71,12 +76,14 @@ class AuditType(enum.StrEnum):
 ADMIN_PREFIX = "admin."
 
 
-@attrs.frozen
+@attrs.define(slots=True)
 class AuditRecord:
     """One audit entry before the store gives it an id.
 
     `ts` is the wall-clock milliseconds when it happened, on `node`. Empty
-    strings stand for what does not apply (`sub`, `conn`, `ip`).
+    strings stand for what does not apply (`sub`, `conn`, `ip`). Treat it as
+    immutable (not frozen only because frozen attrs classes cost ~1 us more
+    to build, on the publish path).
     """
 
     org: str
@@ -131,6 +138,7 @@ class AuditTrail:
         queue_size: int = QUEUE_SIZE,
         batch_size: int = BATCH_SIZE,
         write_timeout: float = WRITE_TIMEOUT,
+        linger: float = LINGER,
     ) -> None:
         self._write = write
         self.node = node
@@ -139,6 +147,7 @@ class AuditTrail:
         self._queue_size = queue_size
         self._batch_size = batch_size
         self._write_timeout = write_timeout
+        self._linger = linger
         self._wake = trio.Event()
         self._recorded = 0
         self._written = 0
@@ -176,7 +185,7 @@ class AuditTrail:
                 conn=conn,
                 node=self.node,
                 ip=ip,
-                detail=redact_value(dict(detail or {})),
+                detail=_redacted(detail),
             )
             self._recorded += 1
             if len(self._queue) >= self._queue_size or self._write is None:
@@ -233,6 +242,8 @@ class AuditTrail:
                 if not self._queue:
                     self._wake = trio.Event()
                     await self._wake.wait()
+                if len(self._queue) < self._batch_size:
+                    await trio.sleep(self._linger)
                 await self._write_batch(self._take(), self._write_timeout)
         finally:
             with trio.CancelScope(shield=True):
@@ -289,3 +300,26 @@ class AuditTrail:
                 conn=entry.conn,
                 audit=entry.as_entry(""),
             )
+
+
+_SCALARS = (int, float, bool, type(None))
+
+
+def _redacted(detail: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`detail` without secrets (`logs.redact_value`). The common case, flat
+    numbers and strings with nothing token-like under harmless keys, is
+    copied as it is (a full redaction walk costs a few microseconds)."""
+    if not detail:
+        return {}
+    for key, value in detail.items():
+        if type(value) is str:
+            if "eyJ" in value:
+                break
+        elif type(value) not in _SCALARS:
+            break
+        if _is_secret_key(key):
+            break
+    else:
+        return dict(detail)
+    redacted: dict[str, Any] = redact_value(dict(detail))
+    return redacted
