@@ -37,12 +37,23 @@ from apix_trio.protocol import ids
 _COMPACT_MIN = 64
 
 
-@attrs.frozen
+@attrs.define(slots=True)
 class _Entry:
+    """A stored record (its JSON form is built when a page reads it)."""
+
     id: ids.StreamId
-    type: str
-    sub: str
-    json: dict[str, Any]
+    record: AuditRecord
+
+    @property
+    def type(self) -> str:
+        return self.record.type
+
+    @property
+    def sub(self) -> str:
+        return self.record.sub
+
+    def json(self) -> dict[str, Any]:
+        return self.record.as_entry(ids.format_id(self.id))
 
 
 @attrs.define(eq=False)
@@ -87,11 +98,8 @@ class MemoryAuditLog(AuditLog):
         for record in records:
             trail = self._trails.setdefault(record.org, _Trail())
             trail.last = ids.next_id(trail.last, now_ms)
-            entry_id = ids.format_id(trail.last)
-            trail.entries.append(
-                _Entry(trail.last, record.type, record.sub, record.as_entry(entry_id))
-            )
-            stored.append(entry_id)
+            trail.entries.append(_Entry(trail.last, record))
+            stored.append(ids.format_id(trail.last))
             touched.add(record.org)
         for org in touched:
             trail = self._trails[org]
@@ -121,7 +129,7 @@ class MemoryAuditLog(AuditLog):
                 examined += 1
                 position = ids.format_id(entry.id)
                 if matches(query, entry.type, entry.sub):
-                    found.append(entry.json)
+                    found.append(entry.json())
                 at += 1
             return AuditPage(tuple(found), position)
         position = ids.format_id(entries[-1].id) if len(entries) > trail.head else ids.ZERO_TEXT
@@ -130,7 +138,7 @@ class MemoryAuditLog(AuditLog):
             entry = entries[at]
             examined += 1
             if matches(query, entry.type, entry.sub):
-                found.append(entry.json)
+                found.append(entry.json())
             at -= 1
         found.reverse()
         return AuditPage(tuple(found), position)
