@@ -1,4 +1,4 @@
-"""The `apix-trio` command line: serve, keygen, token, sub, pub.
+"""The `apix-trio` command line: serve, keygen, token, sub, pub, audit.
 
 Every command returns an exit status instead of exiting: 0 on success, 1
 when the work failed (a refused call, a closed connection, an unwritable
@@ -265,6 +265,77 @@ def _cmd_pub(args: argparse.Namespace) -> int:
         return 130
 
 
+# -- audit ------------------------------------------------------------------
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    """Print an org's audit trail as JSON lines (docs/audit.md).
+
+    From Redis directly (`--redis-url` or `broker.redis_url` of the
+    configuration), or with `--url` through a node's HTTP API and an admin
+    token (`--token` or APIX_TOKEN; the trail is the token's org).
+    """
+    import re
+
+    from apix_trio.broker.audit import BadAuditQuery, parse_query
+    from apix_trio.clients.audit import (
+        AuditReadError,
+        open_http_pages,
+        open_redis_pages,
+        print_trail,
+    )
+
+    try:
+        query = parse_query(since=args.since, limit=args.limit, type=args.type, sub=args.sub)
+    except BadAuditQuery as exc:
+        _say(f"audit: {exc}")
+        return EXIT_USAGE
+    if args.interval <= 0:
+        _say("audit: --interval must be a positive number of seconds")
+        return EXIT_USAGE
+    if args.url is not None:
+        token = _token_of(args)
+        if token is None:
+            return EXIT_USAGE
+        source = open_http_pages(args.url, token)
+    else:
+        if args.org is None or re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", args.org) is None:
+            _say("audit: --org ORG is needed (an org name like acme) to read Redis directly")
+            return EXIT_USAGE
+        flags: dict[str, object] = {}
+        if args.redis_url is not None:
+            flags["redis_url"] = args.redis_url
+        settings = _load_settings(args.config, flags)
+        if settings is None:
+            return EXIT_USAGE
+        if not settings.broker.redis_url:
+            _say(
+                "audit: no broker.redis_url (--redis-url): the embedded broker's trail lives "
+                "in the server process; use --url and --token to read it over HTTP"
+            )
+            return EXIT_USAGE
+        source = open_redis_pages(settings, args.org)
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+
+    async def work() -> int:
+        async with source as page:
+            await print_trail(page, query, emit=emit, follow=args.follow, interval=args.interval)
+        return EXIT_OK
+
+    try:
+        return trio.run(work)
+    except AuditReadError as exc:
+        _say(f"audit: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
 # -- the parser -------------------------------------------------------------
 
 
@@ -337,4 +408,20 @@ def _build_parser() -> argparse.ArgumentParser:
     pub.add_argument("channel", metavar="CHANNEL")
     pub.add_argument("data", metavar="DATA_JSON")
     pub.set_defaults(command=_cmd_pub, command_name="pub")
+
+    audit = commands.add_parser("audit", help="print an org's audit trail as JSON lines")
+    audit.add_argument("--org", help="the org (reading Redis directly)")
+    audit.add_argument("--follow", action="store_true", help="keep printing new entries")
+    audit.add_argument("--type", help="only this type (a trailing * matches a prefix: admin.*)")
+    audit.add_argument("--sub", help="only entries of this sub")
+    audit.add_argument("--since", metavar="ID", help='entries after ID ("0": from the oldest)')
+    audit.add_argument("--limit", metavar="N", help="entries per page, 1-1000 (default 100)")
+    audit.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between polls with --follow"
+    )
+    audit.add_argument("--redis-url", metavar="URL", help="read Redis directly (broker.redis_url)")
+    audit.add_argument("--config", metavar="PATH", help="TOML file (default: $APIX_CONFIG)")
+    audit.add_argument("--url", help="read through a node's HTTP API, e.g. http://127.0.0.1:8081")
+    audit.add_argument("--token", help="admin token for --url (default: $APIX_TOKEN)")
+    audit.set_defaults(command=_cmd_audit, command_name="audit")
     return parser

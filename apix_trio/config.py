@@ -38,6 +38,7 @@ import cattrs
 from apix_trio.auth.permissions import BadPattern, parse_pattern
 from apix_trio.settings import (
     ApiSettings,
+    AuditSettings,
     AuthSettings,
     BrokerSettings,
     ChannelOptions,
@@ -76,6 +77,7 @@ _SECTIONS: dict[str, type] = {
     "presence": PresenceSettings,
     "api": ApiSettings,
     "state": StateSettings,
+    "audit": AuditSettings,
     "log": LogSettings,
     "defaults": ChannelOptions,
 }
@@ -253,6 +255,8 @@ _RULES: dict[str, _Rule] = {
     "presence.max_members": _int(1),
     "state.max_value_bytes": _int(1),
     "state.max_keys_per_org": _int(1),
+    "audit.max_entries": _int(1),
+    "audit.ttl": _seconds(),
     "log.level": _choice(LOG_LEVELS),
     "log.format": _choice(LOG_FORMATS),
     "defaults.history_size": _int(0),

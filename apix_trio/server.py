@@ -13,6 +13,9 @@ serve(settings)
 │   │                    (gateway/directory.py); releases its node leases on exit
 │   ├── presence         node lease, reaper of dead nodes' members, leave writer
 │   │                    (delivery/presence.py); writes the queued leaves on exit
+│   ├── audit writer     batches of audit entries -> the org trails (observability/audit.py)
+│   ├── latency sharing  per-org latency snapshots -> the broker (observability/latency.py)
+│   ├── delivery canary  readiness: an internal event must come back (delivery/canary.py)
 │   └── http api         hypercorn: health, readiness, metrics, server API
 └── connections nursery  outlives the accept loop (graceful drain)
     ├── accept loop      trio.serve_listeners, handler nursery = connections nursery
@@ -142,6 +145,9 @@ async def serve(
             await services.start(hub.slots.run)
             await services.start(hub.directory.run)
             await services.start(hub.presence.run)
+            await services.start(hub.audit.serve)
+            await services.start(hub.latency.serve)
+            await services.start(hub.canary.serve)
             async with trio.open_nursery() as connections:
                 listeners = await _open_listeners(
                     settings.server.host, settings.server.ws_port, reuse_port=reuse_port

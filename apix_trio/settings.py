@@ -110,6 +110,12 @@ class StateSettings:
 
 
 @attrs.frozen
+class AuditSettings:
+    max_entries: int = 100_000
+    ttl: float = 2_592_000.0
+
+
+@attrs.frozen
 class LogSettings:
     level: str = "info"
     format: str = "json"
@@ -143,6 +149,7 @@ class Settings:
     presence: PresenceSettings = attrs.field(factory=PresenceSettings)
     api: ApiSettings = attrs.field(factory=ApiSettings)
     state: StateSettings = attrs.field(factory=StateSettings)
+    audit: AuditSettings = attrs.field(factory=AuditSettings)
     log: LogSettings = attrs.field(factory=LogSettings)
     defaults: ChannelOptions = attrs.field(factory=ChannelOptions)
     namespaces: tuple[Namespace, ...] = ()

@@ -77,6 +77,7 @@ async def memory_hub(tmp_path: Path, **sections: Any) -> AsyncIterator[MemHub]:
         async with trio.open_nursery() as nursery:
             await nursery.start(hub.groups.run)  # consumer-group delivery
             await nursery.start(hub.presence.run)  # leaves of closed connections, reaping
+            await nursery.start(hub.audit.serve)  # the audit trail's writer
             yield MemHub(hub, Path(private), nursery)
             nursery.cancel_scope.cancel()
 

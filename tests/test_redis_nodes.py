@@ -29,6 +29,7 @@ import redis
 import trio
 
 from apix_trio.broker.redis.keys import KeyLayout, escape
+from apix_trio.delivery.canary import CANARY_ORG
 from tests.brokers import REDIS_KINDS, redis_target
 from tests.conftest import RedisServer
 from tests.memws import MemClient
@@ -358,8 +359,10 @@ def check_key_space(
     an org hold only that org's events."""
     layout = KeyLayout("apix", 16)
     by_org: dict[str, dict[str, set[tuple[str, ...]]]] = {
-        org: {"c": set(), "m": set(), "k": set(), "s": set()} for org in (ORG_A, ORG_B)
+        org: {"c": set(), "m": set(), "k": set(), "s": set(), "audit": set(), "lat": set()}
+        for org in (ORG_A, ORG_B)
     }
+    canary_org = escape(CANARY_ORG)  # the delivery canary's own, outside every org
     shard_keys: dict[str, set[str]] = {ORG_A: set(), ORG_B: set()}
     for key, entries in keys.items():
         parts = key.split(":")
@@ -383,11 +386,17 @@ def check_key_space(
             org, kind, *names = rest
             assert kind in ("c", "m", "k"), key
             assert len(names) == (2 if kind == "k" else 1), key
+            if org == canary_org:
+                assert kind in ("c", "m") and names[0].startswith("%24canary."), key
+                continue
             shard_keys.setdefault(org, set()).add(key)
-        else:  # session records: apix:<org>:s:<session>
+        else:  # apix:<org>:s:<session> (sessions), apix:<org>:audit, apix:<org>:lat
             assert "{" not in key and "}" not in key, key
             org, kind, *names = parts[1:]
-            assert kind == "s" and len(names) == 1, key
+            if kind == "s":
+                assert len(names) == 1, key
+            else:
+                assert kind in ("audit", "lat") and not names, key
         assert org in by_org, f"{key}: no such org"
         decoded = tuple(urllib.parse.unquote(name, errors="strict") for name in names)
         assert tuple(escape(name) for name in decoded) == tuple(names), key

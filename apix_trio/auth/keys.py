@@ -100,6 +100,11 @@ class AuthError(Exception):
     "missing_claim:<name>"), for logs and metrics; `message` is a human
     sentence safe to send to the client. Neither contains the token.
     `close_code` is the hint for a first-frame `auth` failure.
+
+    `org` and `sub` are set only when the token's signature verified and a
+    later check refused it (expired, wrong `aud`, ...): then they are the
+    token's own claims, trustworthy enough to file the failure in that org's
+    audit trail. A token whose signature did not verify names nobody.
     """
 
     close_code = CloseCode.UNAUTHENTICATED
@@ -108,6 +113,16 @@ class AuthError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.org: str | None = None
+        self.sub: str | None = None
+
+    def attribute(self, claims: Mapping[str, Any]) -> None:
+        """Name the org and sub of signature-verified `claims` (when well-formed)."""
+        org, sub = claims.get("org"), claims.get("sub")
+        if isinstance(org, str) and _ORG_RE.fullmatch(org) is not None:
+            self.org = org
+            if isinstance(sub, str) and 1 <= len(sub) <= MAX_SUB_LENGTH:
+                self.sub = sub
 
     def __repr__(self) -> str:
         return f"AuthError({self.reason!r}, {self.message!r})"
@@ -490,7 +505,11 @@ class Verifier:
             raise AuthError(Reason.MALFORMED, "the token payload is not JSON") from None
         if not isinstance(claims, dict):
             raise AuthError(Reason.MALFORMED, "the token payload is not a JSON object")
-        return self._identity(claims, time.time() if now is None else now)
+        try:
+            return self._identity(claims, time.time() if now is None else now)
+        except AuthError as exc:
+            exc.attribute(claims)  # the signature is good: the org is the token's own
+            raise
 
     def _candidates(self, header: Mapping[str, Any], alg: str) -> list[Any]:
         if alg == HMAC_ALGORITHM:

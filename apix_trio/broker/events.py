@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import abc
 
+from apix_trio.broker.audit import AuditLog
 from apix_trio.broker.directory import ConnectionDirectory
 from apix_trio.broker.groups import ConsumerGroups
+from apix_trio.broker.latency import LatencySnapshots
 from apix_trio.broker.leases import ConnectionLeases
 from apix_trio.broker.model import ChannelInfo, Listener, Page, Published, Retention
 from apix_trio.broker.presence import PresenceStore
@@ -135,3 +137,13 @@ class Broker(abc.ABC):
     def sessions(self) -> SessionStore:
         """Session records on this broker's backend."""
         raise NotImplementedError(f"{type(self).__name__} has no session store yet")
+
+    @property
+    def audit(self) -> AuditLog:
+        """The org audit trails on this broker's backend (`broker/audit.py`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no audit trail")
+
+    @property
+    def latency(self) -> LatencySnapshots:
+        """Per-org latency snapshots shared by the nodes (`broker/latency.py`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no latency snapshots")

@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 
+from apix_trio.gateway import auditing
 from apix_trio.gateway.connection import Connection
 from apix_trio.protocol.codes import CloseCode, ErrorCode
 from apix_trio.protocol.ids import BadStreamId, parse_id
@@ -54,7 +55,14 @@ class Later:
 Handler = Callable[[Connection, Any], Awaitable["dict[str, Any] | Then | Later"]]
 
 
-def require_channel_access(conn: Connection, channel: str, action: str) -> None:
+_OP_OF_ACTION = {"pub": "publish", "sub": "subscribe"}
+
+
+def require_channel_access(
+    conn: Connection, channel: str, action: str, *, op: str | None = None
+) -> None:
+    """Raise `forbidden` (audited as `permission.denied` for `op`, by default
+    the action's op) unless the token's perms allow `action` on `channel`."""
     assert conn.permissions is not None
     allowed = (
         conn.permissions.can_subscribe(channel)
@@ -63,6 +71,7 @@ def require_channel_access(conn: Connection, channel: str, action: str) -> None:
     )
     if not allowed:
         conn.log.info("forbidden", channel=channel, action=action)
+        auditing.permission_denied(conn, op or _OP_OF_ACTION.get(action, action), channel=channel)
         raise OpError(ErrorCode.FORBIDDEN, f"no permission to {action} on {channel}")
 
 

@@ -39,7 +39,7 @@ async def subscribe_group(conn: Connection, command: f.Subscribe, group: str) ->
 
 async def ack(conn: Connection, command: f.Ack) -> dict[str, Any]:
     """Group-wide ack by a member of the group; counts what was pending."""
-    require_channel_access(conn, command.channel, "sub")
+    require_channel_access(conn, command.channel, "sub", op="ack")
     try:
         acked = await conn.hub.groups.ack(conn, command.channel, command.group, command.ids)
     except NotAMember as exc:

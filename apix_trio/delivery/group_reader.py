@@ -67,6 +67,7 @@ from apix_trio.broker.groups import Delivery, dead_letter_channel
 from apix_trio.broker.model import BrokerUnavailable
 from apix_trio.delivery.backoff import retry_delay
 from apix_trio.delivery.ports import MemberConnection, NodeServices
+from apix_trio.observability.audit import AuditType
 from apix_trio.observability.logs import get_logger
 from apix_trio.protocol.codec import encode_event_push
 from apix_trio.protocol.event import Event
@@ -376,6 +377,16 @@ class GroupReader:
             self.org, self.channel, self.group, delivery, self._dlq_retention
         )
         self.hub.metrics.group_dead_letters.inc()
+        self.hub.audit.record(
+            self.org,
+            AuditType.GROUP_DEAD_LETTER,
+            detail={
+                "channel": self.channel,
+                "group": self.group,
+                "id": event.id,
+                "attempts": delivery.attempt,
+            },
+        )
         self._log.warning(
             "dead_letter",
             id=event.id,

@@ -16,6 +16,7 @@ from typing import Protocol
 from structlog.typing import FilteringBoundLogger
 
 from apix_trio.broker.events import Broker
+from apix_trio.observability.audit import AuditTrail
 from apix_trio.observability.metrics import Metrics
 from apix_trio.protocol.ids import StreamId
 from apix_trio.routing.namespaces import Namespaces
@@ -124,3 +125,6 @@ class NodeServices(Protocol):
 
     @property
     def rng(self) -> random.Random: ...
+
+    @property
+    def audit(self) -> AuditTrail: ...

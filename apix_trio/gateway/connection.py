@@ -34,6 +34,7 @@ import trio
 from apix_trio.auth.identity import Identity
 from apix_trio.auth.permissions import Permissions
 from apix_trio.delivery.backoff import jittered_first_ping
+from apix_trio.gateway import auditing
 from apix_trio.gateway.hub import Hub
 from apix_trio.gateway.outbox import Outbox
 from apix_trio.gateway.ratelimit import AbuseTracker, TokenBucket
@@ -79,6 +80,9 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.opened_at = trio.current_time()
+        self.peer = auditing.peer_address(ws.stream)  # the audit trail's `ip`
+        self.claimed: tuple[str, str] | None = None  # org/sub of a verified token refused later
+        self.received_at = 0.0  # arrival of the command the op worker runs
         self._closing = trio.Event()
         self._authenticated = trio.Event()
         self._reader_done = trio.Event()
@@ -181,6 +185,7 @@ class Connection:
             if written == len(frame):
                 if ts is not None:
                     self.hub.metrics.latency.observe(self.hub.wall() * 1000 - ts)
+                    self.hub.latency.delivered(self.org, ts)
                     self.hub.metrics.delivered.inc()
                 if tracker is not None and event_id is not None:
                     tracker.sent_id = event_id
@@ -196,12 +201,15 @@ class Connection:
             self.log.warning("slow_consumer", queued=stats.items, queued_bytes=stats.bytes)
         self.request_close(CloseCode.SLOW_CONSUMER, flush=False)
 
-    def request_close(self, code: int, reason: str | None = None, *, flush: bool = True) -> None:
+    def request_close(
+        self, code: int, reason: str | None = None, *, flush: bool = True, by_peer: bool = False
+    ) -> None:
         """Ask the connection to close with `code`; the first request wins.
 
         With `flush`, frames already queued (e.g. the error reply that
         explains the close) are written first, for at most FLUSH_WAIT
         seconds; without it they are dropped (slow consumer, dead peer).
+        `by_peer`: the peer closed first (`code` is its own; not audited).
         """
         if self._closing.is_set():
             return
@@ -218,6 +226,8 @@ class Connection:
             self.outbox.close()
         self._ops_recv.close()  # a reader blocked on a full op queue wakes up
         self._closing.set()
+        if not by_peer:
+            auditing.server_close(self, code, self.close_reason)
 
     def cut_writes_at(self, deadline: float) -> None:
         """End a (shielded) socket write still in progress at `deadline`:
@@ -329,7 +339,7 @@ class Connection:
             self.request_close(exc.code, exc.reason)
         except PeerClosed as exc:
             code = exc.code if exc.code is not None else 1006
-            self.request_close(code, exc.reason, flush=False)
+            self.request_close(code, exc.reason, flush=False, by_peer=True)
         finally:
             self._reader_done.set()
 
@@ -355,6 +365,7 @@ class Connection:
                         retry_after=round(retry_after, 3),
                     )
                 )
+                auditing.rate_limited(self, now, type(result).__name__.lower())
                 if self.abuse.record(now, limited=True):
                     self.request_close(CloseCode.RATE_LIMIT_ABUSE)
                 return
@@ -370,6 +381,7 @@ class Connection:
         run_command = self.hub.commands
         try:
             async for command, received_at in self._ops_recv:
+                self.received_at = received_at
                 await run_command(self, command, received_at)
         except trio.ClosedResourceError:
             return  # request_close closed the queue
@@ -379,6 +391,7 @@ class Connection:
     async def _write_loop(self) -> None:
         metrics = self.hub.metrics
         latency = metrics.latency
+        org_latency = self.hub.latency
         try:
             while True:
                 batch = await self.outbox.get_batch()
@@ -388,6 +401,7 @@ class Connection:
                 for item in batch:
                     if item.event_ts is not None:
                         latency.observe(now_ms - item.event_ts)
+                        org_latency.delivered(self.org, item.event_ts, now_ms)
                         events += 1
                     if item.tracker is not None and item.event_id is not None:
                         item.tracker.sent_id = item.event_id

@@ -15,6 +15,7 @@ from wsproto.events import Request
 from apix_trio.auth.identity import Identity
 from apix_trio.auth.keys import AuthError
 from apix_trio.broker.model import BrokerUnavailable
+from apix_trio.gateway import auditing
 from apix_trio.gateway.connection import Connection, new_connection_id
 from apix_trio.gateway.hub import Hub
 from apix_trio.gateway.websocket import HandshakeFailed, ServerWebSocket
@@ -38,8 +39,12 @@ def _header(request: Request, name: bytes) -> str | None:
     return None
 
 
-def check_request(hub: Hub, request: Request) -> tuple[str | None, Identity | None]:
+def check_request(
+    hub: Hub, request: Request, *, conn_id: str = "", peer: str = ""
+) -> tuple[str | None, Identity | None]:
     """Apply the handshake rules; returns (subprotocol, header identity).
+
+    `conn_id` and `peer` name the would-be connection in audit entries.
 
     Raises Rejected with the HTTP status to answer.
     """
@@ -68,6 +73,7 @@ def check_request(hub: Hub, request: Request) -> tuple[str | None, Identity | No
         except AuthError as exc:
             hub.metrics.auth_failures.labels(reason=exc.reason).inc()
             hub.log.info("auth_failed", reason=exc.reason, via="header")
+            auditing.token_refused(hub, exc, conn=conn_id, ip=peer, via="header")
             raise Rejected(401, f"invalid token: {exc}") from None
     return subprotocol, identity
 
@@ -83,7 +89,8 @@ async def _handshake(
     with trio.move_on_after(HANDSHAKE_TIMEOUT):
         request = await ws.read_request()
         try:
-            subprotocol, identity = check_request(hub, request)
+            peer = auditing.peer_address(ws.stream)
+            subprotocol, identity = check_request(hub, request, conn_id=conn_id, peer=peer)
             if identity is not None:
                 try:
                     acquired = await hub.slots.acquire(identity.org, conn_id)
@@ -91,6 +98,7 @@ async def _handshake(
                     raise Rejected(503, "backend unavailable, retry later") from None
                 if not acquired:
                     raise Rejected(429, "the organisation is at its connection limit")
+                auditing.authenticated(hub, identity, conn=conn_id, ip=peer, via="header")
         except Rejected as exc:
             hub.metrics.handshake_rejections.labels(status=str(exc.status)).inc()
             await ws.reject(exc.status, exc.message + "\n")

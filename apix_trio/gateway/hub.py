@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
 
 from apix_trio.auth.keys import Verifier
+from apix_trio.broker.audit import AuditRetention
 from apix_trio.broker.events import Broker
+from apix_trio.delivery.canary import DeliveryCanary
 from apix_trio.delivery.groups import GroupManager
 from apix_trio.delivery.presence import PresenceService
 from apix_trio.delivery.sessions import SessionKeeper
@@ -21,6 +23,8 @@ from apix_trio.gateway.control import CONTROL_CHANNEL, ControlChannel
 from apix_trio.gateway.directory import DirectoryKeeper
 from apix_trio.gateway.registry import ConnectionRegistry
 from apix_trio.gateway.slots import ConnectionSlots
+from apix_trio.observability.audit import AuditRecord, AuditTrail, AuditWriter
+from apix_trio.observability.latency import LatencyStore, LatencyTracker
 from apix_trio.observability.logs import get_logger
 from apix_trio.observability.metrics import Metrics
 from apix_trio.protocol.frames import Command
@@ -59,6 +63,9 @@ class Hub:
     commands: CommandRunner = attrs.field(kw_only=True)
     directory: DirectoryKeeper = attrs.field(default=None, kw_only=True)
     control: ControlChannel = attrs.field(default=None, kw_only=True)
+    audit: AuditTrail = attrs.field(default=None, kw_only=True)
+    latency: LatencyTracker = attrs.field(default=None, kw_only=True)
+    canary: DeliveryCanary = attrs.field(default=None, kw_only=True)
     log = get_logger("apix.server")
 
     def __attrs_post_init__(self) -> None:
@@ -90,7 +97,62 @@ class Hub:
             self.presence = PresenceService(self)
         self.router.set_internal_encoder(STATE_KIND, encode_state_push)
         self.broker.set_listener(self.router.dispatch)
+        self._add_observers()
+
+    def _add_observers(self) -> None:
+        """The audit writer, the latency tracker and the delivery canary."""
+        node = self.settings.server.node_id
+        if self.audit is None:
+            self.audit = AuditTrail(
+                _audit_writer(self.broker, self.settings),
+                node=node,
+                wall_clock=self.wall_clock,
+                registry=self.metrics.registry,
+            )
+        if self.latency is None:
+            self.latency = LatencyTracker(
+                node,
+                wall_clock=self.wall_clock,
+                store=_latency_store(self.broker),
+                registry=self.metrics.registry,
+            )
+        if self.canary is None:
+            self.canary = DeliveryCanary(
+                self.broker, self.router, node, self.settings.heartbeat.interval
+            )
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, reason) for `GET /api/v1/ready`: accepting connections, the
+        broker answers, and the delivery canary came back within
+        `heartbeat.interval` (`delivery/canary.py`). The reason is "" when ready."""
+        if not self.accepting:
+            return False, "shutting down"
+        return self.canary.readiness()
 
     def wall(self) -> float:
         """Wall-clock seconds (injectable so timer tests run on a MockClock)."""
         return self.wall_clock()
+
+
+def audit_retention(settings: Settings) -> AuditRetention:
+    return AuditRetention(max_entries=settings.audit.max_entries, ttl=settings.audit.ttl)
+
+
+def _audit_writer(broker: Broker, settings: Settings) -> AuditWriter | None:
+    try:
+        store = broker.audit
+    except NotImplementedError:
+        return None
+    retention = audit_retention(settings)
+
+    async def write(records: Sequence[AuditRecord]) -> object:
+        return await store.append_many(records, retention)
+
+    return write
+
+
+def _latency_store(broker: Broker) -> LatencyStore | None:
+    try:
+        return broker.latency
+    except NotImplementedError:
+        return None

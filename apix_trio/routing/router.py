@@ -20,6 +20,10 @@ order, but their frames are not event pushes: the router builds the frame
 once with the encoder registered for the name's first token
 (`set_internal_encoder("$presence", ...)`), or offers an empty frame when
 there is none (the subscribers then build their own).
+
+Orgs starting with `INTERNAL_PREFIX` (`$`, which no token's org can) are the
+node's own, e.g. the delivery canary's `$apix`: routed like any other, but
+not counted in `statistics()`, which describes client subscriptions.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class Router:
     def __init__(self) -> None:
         self._subscribers: dict[tuple[str, str], dict[int, Subscriber]] = {}
         self._count = 0
+        self._internal: set[tuple[str, str]] = set()  # (org, channel) of internal orgs
         self._dispatched = 0
         self._encoded = 0
         self._handlers: dict[str, InternalHandler] = {}
@@ -96,14 +101,21 @@ class Router:
         bucket = self._subscribers.setdefault((org, channel), {})
         if id(subscriber) not in bucket:
             bucket[id(subscriber)] = subscriber
-            self._count += 1
+            if org.startswith(INTERNAL_PREFIX):
+                self._internal.add((org, channel))
+            else:
+                self._count += 1
 
     def remove(self, org: str, channel: str, subscriber: Subscriber) -> None:
         """Forget a subscriber; removing one that is not there is a no-op."""
         bucket = self._subscribers.get((org, channel))
         if bucket is None or bucket.pop(id(subscriber), None) is None:
             return
-        self._count -= 1
+        if org.startswith(INTERNAL_PREFIX):
+            if not bucket:
+                self._internal.discard((org, channel))
+        else:
+            self._count -= 1
         if not bucket:
             del self._subscribers[(org, channel)]
 
@@ -133,7 +145,7 @@ class Router:
 
     def statistics(self) -> RouterStatistics:
         return RouterStatistics(
-            channels=len(self._subscribers),
+            channels=len(self._subscribers) - len(self._internal),
             subscriptions=self._count,
             dispatched=self._dispatched,
             encoded=self._encoded,

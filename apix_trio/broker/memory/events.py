@@ -57,8 +57,10 @@ import trio
 
 from apix_trio.broker.events import Broker
 from apix_trio.broker.leases import MemoryLeases
+from apix_trio.broker.memory.audit import MemoryAuditLog
 from apix_trio.broker.memory.directory import MemoryDirectory
 from apix_trio.broker.memory.groups import MemoryGroups
+from apix_trio.broker.memory.latency import MemoryLatencySnapshots
 from apix_trio.broker.memory.presence import MemoryPresence
 from apix_trio.broker.memory.sessions import MemorySessionStore
 from apix_trio.broker.memory.state import MemoryState
@@ -198,6 +200,8 @@ class MemoryBroker(Broker):
         self._directory = MemoryDirectory(wall_clock)
         self._presence = MemoryPresence(self._fan_out, wall_clock)
         self._state = MemoryState(self._fan_out, wall_clock)
+        self._audit = MemoryAuditLog(wall_clock=wall_clock)
+        self._latency = MemoryLatencySnapshots()
 
     @property
     def groups(self) -> MemoryGroups:
@@ -232,6 +236,16 @@ class MemoryBroker(Broker):
     def sessions(self) -> MemorySessionStore:
         """Session records, in memory, on the broker's wall clock."""
         return self._sessions
+
+    @property
+    def audit(self) -> MemoryAuditLog:
+        """The org audit trails, in memory, on the broker's wall clock."""
+        return self._audit
+
+    @property
+    def latency(self) -> MemoryLatencySnapshots:
+        """Latency snapshots (this node's own), in memory."""
+        return self._latency
 
     def set_listener(self, listener: Listener) -> None:
         """Call `listener` for every event published from now on, before the

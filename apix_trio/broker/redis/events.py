@@ -52,11 +52,13 @@ from apix_trio.broker.model import (
     Published,
     Retention,
 )
+from apix_trio.broker.redis.audit import RedisAuditLog
 from apix_trio.broker.redis.batch import BatchStatistics, ScriptBatcher
 from apix_trio.broker.redis.bus import BusReader, BusStatistics
 from apix_trio.broker.redis.directory import RedisDirectory
 from apix_trio.broker.redis.groups import RedisGroups
 from apix_trio.broker.redis.keys import KeyLayout, escape
+from apix_trio.broker.redis.latency import RedisLatencySnapshots
 from apix_trio.broker.redis.leases import RedisLeases
 from apix_trio.broker.redis.listing import list_channels
 from apix_trio.broker.redis.modes import open_mode
@@ -164,6 +166,16 @@ class RedisBroker(Broker):
     def state(self) -> RedisState:
         """State values; changes go out on the bus (`state`)."""
         return RedisState(self.scripts, self._layout, self._tuning.bus_maxlen)
+
+    @functools.cached_property
+    def audit(self) -> RedisAuditLog:
+        """The org audit trails, one stream per org (`redis/audit.py`)."""
+        return RedisAuditLog(self.scripts, self._layout)
+
+    @functools.cached_property
+    def latency(self) -> RedisLatencySnapshots:
+        """Per-org latency snapshots, one hash per org (`redis/latency.py`)."""
+        return RedisLatencySnapshots(self.scripts, self._layout)
 
     @property
     def sessions(self) -> RedisSessionStore:

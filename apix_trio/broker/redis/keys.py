@@ -20,6 +20,8 @@ then (for per-org data) the org:
     <prefix>:{presence}:idx:<node>            channels where a node may hold members
     <prefix>:{<tag>}:<org>:v:<key>            state value of one key: n = version, v = value
     <prefix>:{<tag>}:<org>:vn                 the org's count of state keys with a value
+    <prefix>:<org>:audit                      the org's audit trail (stream: redis/audit.py)
+    <prefix>:<org>:lat                        the org's latency snapshots (redis/latency.py)
 
 `shard` is a stable hash (crc32) of (org, channel) modulo `bus_shards`, so a
 channel, its meta, its idempotency records and its bus shard share one hash
@@ -296,6 +298,14 @@ class KeyLayout:
         both in the org's own slot."""
         base = f"{self.prefix}:{{o:{escape(org)}}}:dir"
         return f"{base}:conns", f"{base}:nodes"
+
+    def audit(self, org: str) -> str:
+        """The org's audit trail (one key: no hash tag needed)."""
+        return f"{self.prefix}:{escape(org)}:audit"
+
+    def latency(self, org: str) -> str:
+        """The org's latency snapshots, one hash field per (slot, node)."""
+        return f"{self.prefix}:{escape(org)}:lat"
 
     def org_pattern(self, org: str) -> str:
         """A SCAN MATCH pattern for every key of `org` (for operators and tests)."""
