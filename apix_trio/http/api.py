@@ -30,7 +30,15 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 
 from apix_trio.gateway.hub import Hub
-from apix_trio.http import docs, routes_admin, routes_events, routes_groups, routes_ops
+from apix_trio.http import (
+    docs,
+    routes_admin,
+    routes_events,
+    routes_groups,
+    routes_ops,
+    routes_reports,
+    routes_state,
+)
 from apix_trio.http.deps import BEARER, SECURITY_SCHEME, ApiState
 from apix_trio.http.errors import ErrorBody, install_error_handlers
 from apix_trio.http.middleware import ApiMiddleware, ASGIApp
@@ -40,6 +48,8 @@ ROUTERS: tuple[APIRouter, ...] = (
     routes_events.router,
     routes_admin.router,
     routes_groups.router,
+    routes_state.router,
+    routes_reports.router,
     docs.router,
 )
 

@@ -1,9 +1,9 @@
 """The admin-change hook: every admin route that changes something calls
 `audit_admin` once, after the change, with the request's fields.
 
-Today it writes one JSON log line (`admin_change`); the audit trail
-(HTTP_API.md, "Audit trail": `admin.disconnect`, `admin.redrive`) plugs in
-here. It never raises and never blocks the operation it records.
+It writes one JSON log line (`admin_change`) and the org's audit trail entry
+(HTTP_API.md, "Audit trail": `admin.disconnect`, `admin.redrive`) through the
+node's `AuditTrail`, which never raises and never blocks.
 """
 
 from __future__ import annotations
@@ -18,8 +18,13 @@ from apix_trio.observability.logs import get_logger
 log = get_logger("apix.audit")
 
 
-def audit_admin(hub: Hub, identity: Identity, kind: str, detail: Mapping[str, Any]) -> None:
+def audit_admin(
+    hub: Hub, identity: Identity, kind: str, detail: Mapping[str, Any], *, ip: str = ""
+) -> None:
     """Record admin change `kind` (e.g. `admin.disconnect`) by `identity`."""
+    hub.audit.record_admin(
+        identity.org, kind.removeprefix("admin."), sub=identity.sub, ip=ip, detail=detail
+    )
     try:
         log.info(
             "admin_change",

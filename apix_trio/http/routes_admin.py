@@ -106,5 +106,11 @@ async def disconnect(request: Request, body: DisconnectBody, who: Admin) -> Resp
             )
         count += remote.total
     detail = {k: v for k, v in body.model_dump().items() if v is not None}
-    audit_admin(hub, who.identity, "admin.disconnect", {**detail, "disconnected": count})
+    audit_admin(
+        hub,
+        who.identity,
+        "admin.disconnect",
+        {**detail, "disconnected": count},
+        ip=request.client.host if request.client is not None else "",
+    )
     return json_response(200, orjson.dumps({"disconnected": count}))

@@ -157,6 +157,7 @@ async def redrive(
         who.identity,
         "admin.redrive",
         {"channel": channel, "group": group, "limit": limit, "redriven": redriven},
+        ip=request.client.host if request.client is not None else "",
     )
     return json_response(200, orjson.dumps({"redriven": redriven}))
 

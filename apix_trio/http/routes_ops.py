@@ -27,18 +27,16 @@ async def health(request: Request) -> Response:
     "/api/v1/ready",
     response_model=Readiness,
     responses={503: {"model": Readiness}},
-    summary="Readiness: 200 when the broker answers and the node accepts connections, else 503",
+    summary=(
+        "Readiness: 200 when the node accepts connections, the broker answers and the "
+        "delivery canary came back within heartbeat.interval, else 503"
+    ),
 )
 async def ready(request: Request) -> Response:
     hub = api_state(request).hub
-    broker_ready, accepting = hub.broker.ready, hub.accepting
-    body: dict[str, Any] = {"ready": broker_ready and accepting}
-    if not accepting:
-        body["reason"] = "shutting down"
-    elif not broker_ready:
-        body["reason"] = "broker unavailable"
-    body.update(broker=broker_ready, accepting=accepting, node=hub.settings.server.node_id)
-    return json_response(200 if body["ready"] else 503, orjson.dumps(body))
+    ready, reason = hub.readiness()
+    body: dict[str, Any] = {"ready": ready, "node": hub.settings.server.node_id, "reason": reason}
+    return json_response(200 if ready else 503, orjson.dumps(body))
 
 
 @router.get(
