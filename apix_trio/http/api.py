@@ -9,6 +9,9 @@ Routes:
 - `POST /api/v1/publish`: server-side publish, `Authorization: Bearer <JWT>`
   with role `admin`; the event goes to the token's own org.
 - `POST /api/v1/disconnect`: close a connection of the admin's org with 4030.
+- Web pages (`apix_trio/web/pages.py`): `GET /demo`, `/dashboard`,
+  `/client/apix.js`, `/client/apix.d.ts`, `/web/*` assets; `POST /dev/token`
+  (development key pair only, else 404).
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from apix_trio.auth.identity import Identity
 from apix_trio.auth.keys import AuthError
 from apix_trio.broker.model import BrokerUnavailable
 from apix_trio.gateway.hub import Hub
+from apix_trio.observability.logs import get_logger
 from apix_trio.protocol.codes import CloseCode
 from apix_trio.protocol.names import InvalidName, check_channel
+from apix_trio.web import pages as web_pages
 
+_log = get_logger("apix.http")
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -54,6 +60,13 @@ async def _respond(send: Send, status: int, body: bytes, content_type: bytes) ->
 
 async def _json(send: Send, status: int, payload: Any) -> None:
     await _respond(send, status, orjson.dumps(payload), b"application/json")
+
+
+async def _send_web(send: Send, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """A 200 answer of the web pages block (see `make_app`)."""
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -126,6 +139,28 @@ def make_app(hub: Hub) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
         conn.request_close(CloseCode.ADMIN_DISCONNECT)
         return 200, {}
 
+    # -- web pages (apix_trio/web/pages.py) --------------------------------------
+    # The demo, the dashboard, the JS client and the dev-only token endpoint.
+    # Mounted here until the HTTP layer's rewrite: port `dev_token`, `_send_web`
+    # and the two `elif` lines marked "web pages" below as they are.
+
+    async def dev_token(receive: Receive) -> bytes:
+        if not hub.verifier.keys.dev_mode:
+            raise HttpError(404, "not found")  # exists only on the development key pair
+        try:
+            request = web_pages.parse_dev_token_request(await _read_body(receive))
+        except web_pages.DevTokenError as exc:
+            raise HttpError(400, str(exc)) from None
+        try:
+            minted = web_pages.mint_dev_token(
+                hub.settings.auth, hub.settings.server, request, now=hub.wall()
+            )
+        except (OSError, ValueError) as exc:
+            _log.error("dev_token_failed", exception=type(exc).__name__)
+            raise HttpError(500, "cannot sign a development token") from None
+        _log.info("dev_token", org=minted["org"], sub=minted["sub"], roles=minted["roles"])
+        return orjson.dumps(minted)
+
     def stats() -> dict[str, Any]:
         router = hub.router.statistics()
         return {
@@ -167,6 +202,10 @@ def make_app(hub: Hub) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
             elif path == "/api/v1/disconnect" and method == "POST":
                 status, payload = await disconnect(scope, receive)
                 await _json(send, status, payload)
+            elif (page := web_pages.find_page(path)) is not None and method == "GET":  # web pages
+                await _send_web(send, page.headers(), page.body())
+            elif path == web_pages.DEV_TOKEN_PATH and method == "POST":  # web pages
+                await _send_web(send, web_pages.DEV_TOKEN_HEADERS, await dev_token(receive))
             else:
                 raise HttpError(404, "not found")
         except HttpError as exc:
