@@ -223,9 +223,7 @@ async def test_dev_token_over_http(tmp_path: Path) -> None:
 
 async def test_no_dev_token_without_the_development_key_pair(tmp_path: Path) -> None:
     generate_keypair("rsa", tmp_path / "main.key", tmp_path / "main.pem")
-    async with running_server(
-        tmp_path, auth={"public_keys": (str(tmp_path / "main.pem"),)}
-    ) as kit:
+    async with running_server(tmp_path, auth={"public_keys": (str(tmp_path / "main.pem"),)}) as kit:
         assert not kit.hub.verifier.keys.dev_mode
         answer = await http_request(kit.running.http_port, "POST", "/dev/token", body=b"{}")
         assert answer.status == 404

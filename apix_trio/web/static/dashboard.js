@@ -88,7 +88,9 @@ function errorText(payload, status) {
 
 // ---------------------------------------------------------------- charts
 
-function makeChart(id, title, lines, valueFormat) {
+const INTEGER_STEPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];
+
+function makeChart(id, title, lines, valueFormat, { integer = false } = {}) {
   const element = $(id);
   const options = {
     title,
@@ -98,7 +100,13 @@ function makeChart(id, title, lines, valueFormat) {
     scales: { x: { time: true, range: (u, min, max) => [Math.min(min ?? 0, (max ?? 0) - 60), max ?? 0] }, y: { range: (u, min, max) => [0, Math.max(max * 1.15, 1)] } },
     axes: [
       { stroke: "#6b7385", grid: { stroke: "#eef0f4" } },
-      { stroke: "#6b7385", grid: { stroke: "#eef0f4" }, size: 56, values: (u, values) => values.map(valueFormat) },
+      {
+        stroke: "#6b7385",
+        grid: { stroke: "#eef0f4" },
+        size: 56,
+        values: (u, values) => values.map(valueFormat),
+        ...(integer ? { incrs: INTEGER_STEPS } : {}),
+      },
     ],
     series: [{}, ...lines.map(([label, color]) => ({ label, stroke: color, width: 2, fill: `${color}14`, value: (u, v) => valueFormat(v) }))],
   };
@@ -435,7 +443,7 @@ function main() {
   const rate = (v) => fmtRate(v);
   makeChart("c-rates", "Events per second", [["publishes/s", "#4f46e5"], ["deliveries/s", "#0891b2"]], rate);
   makeChart("c-latency", "Publish → deliver, ms (node, last 60 s)", [["p50", "#16a34a"], ["p99", "#dc2626"]], (v) => fmtMs(v));
-  makeChart("c-connections", "Open connections", [["connections", "#7c3aed"]], (v) => fmtCount(v));
+  makeChart("c-connections", "Open connections", [["connections", "#7c3aed"]], (v) => fmtCount(v), { integer: true });
   makeChart("c-closes", "Closes per second", [["slow consumer (4009)", "#dc2626"], ["errors", "#d97706"], ["normal", "#64748b"]], rate);
   window.addEventListener("resize", resizeCharts);
   $("token-form").addEventListener("submit", (event) => {

@@ -145,6 +145,7 @@ async function joinChat(client) {
         ? "Presence is off for chat.* on this server: run it with a [[namespaces]] pattern = \"chat.>\" and presence = true (config/apix.example.toml has one)."
         : `Presence is not available here (${err.code}: ${err.message}).`,
     );
+    $("online-count").textContent = "–";
     try {
       await client.subscribe(CHANNEL, { since: "0" });
     } catch (again) {
