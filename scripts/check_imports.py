@@ -47,10 +47,12 @@ LAYERS: Sequence[Sequence[str]] = (
     ("routing",),
     # storage and cross-node fan-out: interfaces, memory and Redis
     ("broker",),
+    # browser pages and assets, the development token helper (apix_trio/web/pages.py)
+    ("web",),
     ("auth",),
     ("observability",),
     # bottom: sans-IO protocol, settings model, the package root
-    ("protocol", "settings", "web", ""),
+    ("protocol", "settings", ""),
 )
 """Packages (or top-level modules) of `apix_trio`, top layer first."""
 

@@ -246,6 +246,7 @@ async def open_node(
     name: str = "node",
     redis_url: str = "",
     settings: Mapping[str, object] | None = None,
+    config_file: Path | None = None,
     start_timeout: float = START_TIMEOUT,
 ) -> AsyncIterator[NodeProcess]:
     """Run `python -m apix_trio serve` until the block exits (see the module docstring).
@@ -267,6 +268,8 @@ async def open_node(
     )
     if redis_url:
         env["APIX_BROKER_REDIS_URL"] = redis_url
+    if config_file is not None:  # TOML-only settings ([[namespaces]])
+        env["APIX_CONFIG"] = str(config_file)
     env.update(settings_env(settings or {}))
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "apix_trio", "serve"],

@@ -118,7 +118,8 @@ async def test_state_route_errors(kit: Kit) -> None:
 
 async def test_presence_route(kit: Kit) -> None:
     client = await ws_client(kit)
-    reply = await client.call("auth", token=kit.token(ORG, "alice", extra_claims={"info": {"name": "Alice"}}))
+    token = kit.token(ORG, "alice", extra_claims={"info": {"name": "Alice"}})
+    reply = await client.call("auth", token=token)
     assert reply["ok"], reply
     joined = await client.call("subscribe", channel="room.1", presence=True)
     assert joined["ok"], joined

@@ -7,7 +7,8 @@ interpreter, via `PYTHON`) and a real `redis-server`; see tests/js/server.mjs.
 `npm ci` installs the dev dependencies (`ws`, `typescript`) first when
 node_modules lacks them. A failure shows node's whole output.
 
-`JS_TEST_FILES` is the explicit list run here: `presence_state.test.mjs`
+`JS_TEST_FILES` is the explicit list run here (`promtext.test.mjs` tests the
+dashboard's Prometheus text helpers): `presence_state.test.mjs`
 needs presence and state in the server and joins the list once they land.
 """
 
@@ -27,6 +28,7 @@ JS_TEST_FILES = [
     "unit.test.mjs",
     "client.test.mjs",
     "resume.test.mjs",
+    "promtext.test.mjs",
     # "presence_state.test.mjs",  # needs server presence and state.* ops
 ]
 NODE = shutil.which("node")

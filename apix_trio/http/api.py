@@ -36,6 +36,7 @@ from apix_trio.http import (
     routes_events,
     routes_groups,
     routes_ops,
+    routes_pages,
     routes_reports,
     routes_state,
 )
@@ -50,6 +51,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     routes_groups.router,
     routes_state.router,
     routes_reports.router,
+    routes_pages.router,
     docs.router,
 )
 

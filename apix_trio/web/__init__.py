@@ -1,10 +1,13 @@
-"""Browser-side assets shipped with the server: the JavaScript client.
+"""Browser-side assets shipped with the server: the JavaScript client and pages.
 
 `static/apix.js` is the official APIX JavaScript client (one ES module, no
 build step, no runtime dependencies; browsers and Node 20+), and
-`static/apix.d.ts` its TypeScript declarations. Both are package data, so an
-installed server has them too; the HTTP server is to serve them at
-`/client/apix.js` and `/client/apix.d.ts`. Usage: docs/clients.md.
+`static/apix.d.ts` its TypeScript declarations. `static/` also holds the
+demo app and the operator dashboard (with the vendored uPlot in
+`static/vendor/`). All are package data, so an installed server has them
+too; `apix_trio.web.pages` says which file is served at which path
+(`/client/apix.js`, `/demo`, `/dashboard`, ...). Usage: docs/clients.md,
+docs/operations.md.
 """
 
 from __future__ import annotations
