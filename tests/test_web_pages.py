@@ -194,8 +194,8 @@ async def test_pages_over_http(tmp_path: Path) -> None:
         demo = await http_request(port, "GET", "/demo")
         assert "script-src 'self'" in demo.headers["content-security-policy"]
         assert (await http_request(port, "GET", "/web/pages.py")).status == 404
-        assert (await http_request(port, "POST", "/demo")).status == 404
-        assert (await http_request(port, "GET", "/dev/token")).status == 404
+        assert (await http_request(port, "POST", "/demo")).status == 405  # GET only
+        assert (await http_request(port, "GET", "/dev/token")).status == 405  # POST only
 
 
 async def test_dev_token_over_http(tmp_path: Path) -> None:
