@@ -8,8 +8,8 @@ interpreter, via `PYTHON`) and a real `redis-server`; see tests/js/server.mjs.
 node_modules lacks them. A failure shows node's whole output.
 
 `JS_TEST_FILES` is the explicit list run here (`promtext.test.mjs` tests the
-dashboard's Prometheus text helpers): `presence_state.test.mjs`
-needs presence and state in the server and joins the list once they land.
+dashboard's Prometheus text helpers; `presence_state.test.mjs` presence and
+state end to end).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ JS_TEST_FILES = [
     "client.test.mjs",
     "resume.test.mjs",
     "promtext.test.mjs",
-    # "presence_state.test.mjs",  # needs server presence and state.* ops
+    "presence_state.test.mjs",
 ]
 NODE = shutil.which("node")
 NPM = shutil.which("npm")

@@ -83,7 +83,7 @@ test("state: get, set, patch (RFC 7396), CAS conflict, delete; the subscriber's 
   await waitUntil(alice, "state", () => alice.stateValue("doc.1")?.version === 4, 5000, "version 4");
   assert.deepEqual(alice.stateValue("doc.1"), { value: null, version: 4 });
   assert.deepEqual(await bob.stateGet("doc.1"), { value: null, version: 4 });
-  assert.deepEqual(versions.slice(1), [1, 2, 3, 4]);
+  assert.deepEqual(versions.filter((version) => version > 0), [1, 2, 3, 4]); // every change, in order
   assert.deepEqual(await alice.stateUnsubscribe("doc.1"), {});
 });
 
