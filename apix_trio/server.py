@@ -6,13 +6,15 @@ serve(settings)
 ├── services nursery
 │   ├── signals          SIGTERM/SIGINT -> graceful shutdown; SIGHUP -> reload keys
 │   ├── key watcher      reloads key files when they change
+│   ├── timers           every connection's heartbeat/auth/token timers (gateway/timers.py)
+│   ├── write coalescer  one socket write per connection per tick (gateway/coalesce.py)
 │   ├── session keeper   session records: periodic and final writes (delivery/sessions.py)
 │   ├── group manager    one reader per (org, channel, group) with local members
 │   │                    (delivery/groups.py, group_reader.py); releases their events on exit
 │   └── http api         hypercorn: health, readiness, metrics, server API
 └── connections nursery  outlives the accept loop (graceful drain)
     ├── accept loop      trio.serve_listeners, handler nursery = connections nursery
-    └── one Connection.run per socket (reader, writer, op worker, timers)
+    └── one Connection.run per socket (the reader; op worker and writer on demand)
 ```
 
 Shutdown: stop accepting (readiness turns false, the listeners close), write
@@ -121,6 +123,8 @@ async def serve(
             if handle_signals:
                 services.start_soon(_watch_signals, shutdown, keys, hub)
             services.start_soon(_watch_key_files, keys)
+            await services.start(hub.timers.serve)
+            await services.start(hub.coalescer.serve)
             http_port = await services.start(_serve_http, hub)
             await services.start(hub.sessions.serve)
             await services.start(hub.groups.run)

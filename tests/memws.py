@@ -76,6 +76,8 @@ async def memory_hub(tmp_path: Path, **sections: Any) -> AsyncIterator[MemHub]:
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(hub.groups.run)  # consumer-group delivery
+            await nursery.start(hub.timers.serve)  # connection timers
+            await nursery.start(hub.coalescer.serve)  # socket writes
             yield MemHub(hub, Path(private), nursery)
             nursery.cancel_scope.cancel()
 

@@ -1,6 +1,7 @@
 """What every connection of one server shares: settings, broker, router, keys, metrics.
 
-The hub owns no tasks; `apix_trio.server` builds it and runs the services.
+The hub owns no tasks; `apix_trio.server` builds it and runs the services
+(among them `timers.serve` and `coalescer.serve`, which every connection needs).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from apix_trio.auth.keys import Verifier
 from apix_trio.broker.events import Broker
 from apix_trio.delivery.groups import GroupManager
 from apix_trio.delivery.sessions import SessionKeeper
+from apix_trio.gateway.coalesce import WriteCoalescer
 from apix_trio.gateway.registry import ConnectionRegistry
 from apix_trio.gateway.slots import ConnectionSlots
+from apix_trio.gateway.timers import TimerService
 from apix_trio.observability.logs import get_logger
 from apix_trio.observability.metrics import Metrics
 from apix_trio.protocol.frames import Command
@@ -52,6 +55,9 @@ class Hub:
     groups: GroupManager = attrs.field(default=None)
     slots: ConnectionSlots = attrs.field(default=None)
     commands: CommandRunner = attrs.field(kw_only=True)
+    # Node-level services every connection uses; `serve` runs their tasks.
+    timers: TimerService = attrs.field(factory=TimerService, kw_only=True)
+    coalescer: WriteCoalescer = attrs.field(factory=WriteCoalescer, kw_only=True)
     log = get_logger("apix.server")
 
     def __attrs_post_init__(self) -> None:
