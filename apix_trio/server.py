@@ -45,6 +45,7 @@ from apix_trio.broker.events import Broker
 from apix_trio.commands.dispatch import run_command
 from apix_trio.gateway.handshake import handle_stream
 from apix_trio.gateway.hub import Hub
+from apix_trio.gateway.tls import TlsConfigError, server_ssl_context
 from apix_trio.http.api import make_app
 from apix_trio.observability.logs import get_logger
 from apix_trio.protocol.codes import CloseCode
@@ -96,9 +97,11 @@ async def serve(
 
     Resource handling: every listener, connection and broker connection is
     closed before this returns.
-    Error handling: KeyLoadError (unusable key files) is raised before
-    anything listens.
+    Error handling: KeyLoadError (unusable key files) and TlsConfigError
+    (unusable `server.tls_cert`/`server.tls_key`) are raised before anything
+    listens.
     """
+    ssl_context = server_ssl_context(settings.server)
     if keys is None:
         keys = KeyStore(settings.auth)
     verifier = Verifier(settings.auth, keys)
@@ -130,10 +133,16 @@ async def serve(
             await services.start(hub.groups.run)
             await services.start(hub.slots.run)
             async with trio.open_nursery() as connections:
-                listeners = await trio.open_tcp_listeners(
+                tcp_listeners = await trio.open_tcp_listeners(
                     settings.server.ws_port, host=settings.server.host
                 )
-                ws_port = listeners[0].socket.getsockname()[1]
+                ws_port = tcp_listeners[0].socket.getsockname()[1]
+                listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(tcp_listeners)
+                if ssl_context is not None:  # wss://
+                    listeners = [
+                        trio.SSLListener(listener, ssl_context, https_compatible=True)
+                        for listener in tcp_listeners
+                    ]
                 accept_scope = trio.CancelScope()
                 connections.start_soon(_accept, accept_scope, hub, listeners, connections)
                 log.info(
@@ -142,6 +151,7 @@ async def serve(
                     ws_port=ws_port,
                     ws_path=settings.server.ws_path,
                     http_port=http_port,
+                    tls=ssl_context is not None,
                     broker="redis" if settings.broker.redis_url else "memory",
                     node=settings.server.node_id,
                     keys=list(keys.kids()),
@@ -170,10 +180,10 @@ async def serve(
 async def _accept(
     scope: trio.CancelScope,
     hub: Hub,
-    listeners: list[trio.SocketListener],
+    listeners: list[trio.abc.Listener[trio.abc.Stream]],
     handler_nursery: trio.Nursery,
 ) -> None:
-    async def handler(stream: trio.SocketStream) -> None:
+    async def handler(stream: trio.abc.Stream) -> None:
         await handle_stream(hub, stream)
 
     with scope:
@@ -189,6 +199,9 @@ async def _serve_http(hub: Hub, *, task_status: trio.TaskStatus[int]) -> None:
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 1.0
+    if hub.settings.server.tls_cert:  # https://
+        config.certfile = hub.settings.server.tls_cert
+        config.keyfile = hub.settings.server.tls_key
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
             functools.partial(hypercorn_serve, make_app(hub), config, mode="asgi")  # type: ignore[arg-type]
@@ -246,13 +259,18 @@ def _tune_gc() -> None:
 def run(settings: Settings) -> int:
     """Run the server in this process until SIGTERM/SIGINT; returns the exit code.
 
-    2 when the key files are unusable (like any other configuration
-    problem), 1 when a port cannot be bound, else 0.
+    2 when the key files or the TLS certificate and key are unusable (like
+    any other configuration problem), 1 when a port cannot be bound, else 0.
     """
     try:
         keys = KeyStore(settings.auth)
     except KeyLoadError as exc:
         print(f"apix-trio: config: auth.public_keys: {exc}", file=sys.stderr)
+        return 2
+    try:
+        server_ssl_context(settings.server)
+    except TlsConfigError as exc:
+        print(f"apix-trio: config: server.tls_cert: {exc}", file=sys.stderr)
         return 2
     status = 0
     # Errors raised inside serve's nurseries arrive in exception groups.

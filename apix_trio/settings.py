@@ -26,6 +26,8 @@ class ServerSettings:
     allowed_origins: tuple[str, ...] = ()
     shutdown_grace: float = 10.0
     node_id: str = attrs.field(factory=_default_node_id)
+    tls_cert: str = ""  # PEM certificate chain; with tls_key: wss:// and https://
+    tls_key: str = ""  # PEM private key of tls_cert
 
 
 @attrs.frozen

@@ -77,6 +77,7 @@ class Connection:
     # connection; the dict is only made when one does.
     __slots__ = (
         "__dict__",
+        "__weakref__",
         "_abuse",
         "_auth_timer",
         "_closing",
