@@ -9,13 +9,14 @@ then writes every ready connection's queued frames with one non-blocking
 `send` each (`Flushable.flush_ready`).
 
 When: the coalescer is woken by the first mark and runs in the next
-scheduler pass; it then yields for one more pass and keeps doing so while
-frames are still being added (a burst of publishes, a replay page, a group
-batch, each produced by a task that yields between events), at most
-`MAX_PASSES` passes. It never waits on a timer: a lone event is written as
-soon as the tasks that were already runnable have had their turn, a
-fraction of a millisecond; a burst is written as a few large writes instead
-of one per frame.
+scheduler pass; it then lets two more passes go by (trio may reverse the
+order of a pass, so only two passes are sure to include one whole turn of
+every runnable task) and keeps doing so while frames are still being added
+(a burst of publishes, a replay page, a group batch, each produced by a
+task that yields between events), at most `MAX_PASSES` passes. It never
+waits on a timer: a lone event is written as soon as the tasks that were
+already runnable have had their turn, a fraction of a millisecond; a burst
+is written as a few large writes instead of one per frame.
 
 Order: frames leave a connection's outbox in the order they were queued,
 and only one writer (the coalescer, or the connection's writer task while a
@@ -68,8 +69,11 @@ class WriteCoalescer:
         while True:
             if not self._ready:
                 await self._wakeup.park()
-            for _ in range(MAX_PASSES):
+            # Two passes per look: trio may reverse a pass's order, so only
+            # two of them are sure to hold one whole turn of every other task.
+            for _ in range(MAX_PASSES // 2):
                 added = self.added
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 if self.added == added:
                     break
