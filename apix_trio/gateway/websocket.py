@@ -203,6 +203,25 @@ class ServerWebSocket:
     async def _send(self, data: bytes) -> None:
         if self._broken:
             raise trio.BrokenResourceError("socket write timed out earlier")
+        fd = self._fd
+        if fd is not None and not self._send_lock.locked():
+            # Small writes (the 101, a close frame) nearly always fit in the
+            # socket buffer: no lock, no cancel scope, no task switch.
+            try:
+                written = os.write(fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
+            if written == len(data):
+                return
+            if written:  # the rest must follow, cancelled or not: shielded
+                with trio.CancelScope(shield=True):
+                    await self._send_locked(data[written:])
+                return
+        await self._send_locked(data)
+
+    async def _send_locked(self, data: bytes) -> None:
         async with self._send_lock:
             # The write we queued behind may have timed out meanwhile: do not
             # wait out a second send_timeout on the same dead peer.
