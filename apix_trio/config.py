@@ -190,6 +190,19 @@ def _key_files_problem(paths: tuple[str, ...]) -> str | None:
     return "cannot read " + ", ".join(unreadable) if unreadable else None
 
 
+def _pem_file_problem(path: str) -> str | None:
+    return _key_files_problem((path,)) if path else None
+
+
+def _check_tls_pair(out: _Collector) -> None:
+    """`server.tls_cert` and `server.tls_key` come together or not at all."""
+    server = out.values["server"]
+    if bool(server.get("tls_cert")) != bool(server.get("tls_key")):
+        out.problems.append(
+            "server.tls_cert, server.tls_key: set both (TLS on both listeners) or neither"
+        )
+
+
 _PATTERN_EXPECT = (
     "a channel pattern (1-8 dot-separated tokens of [A-Za-z0-9_-:@] or '*', '>' only last)"
 )
@@ -211,6 +224,8 @@ _RULES: dict[str, _Rule] = {
     "server.workers": _Rule(
         f"'auto' or an integer 1-{MAX_WORKERS}", _fails(lambda v: 1 <= v <= MAX_WORKERS)
     ),
+    "server.tls_cert": _Rule("'' or a readable PEM certificate file", _pem_file_problem),
+    "server.tls_key": _Rule("'' or a readable PEM private key file", _pem_file_problem),
     "broker.redis_url": _Rule(
         "'' (embedded broker) or a URL starting with " + ", ".join(REDIS_SCHEMES),
         _fails(_redis_url_ok),
@@ -611,6 +626,7 @@ def load_settings(
             namespace_tables = _apply_toml(doc, path, out)
     _apply_environ(environ, out)
     _apply_flags(flags, out)
+    _check_tls_pair(out)
 
     _check_workers_need_redis(out)
     _check_redis_mode(out)

@@ -6,6 +6,8 @@ serve(settings)
 ├── services nursery
 │   ├── signals          SIGTERM/SIGINT -> graceful shutdown; SIGHUP -> reload keys
 │   ├── key watcher      reloads key files when they change
+│   ├── timers           every connection's heartbeat/auth/token timers (gateway/timers.py)
+│   ├── write coalescer  one socket write per connection per tick (gateway/coalesce.py)
 │   ├── session keeper   session records: periodic and final writes (delivery/sessions.py)
 │   ├── group manager    one reader per (org, channel, group) with local members
 │   │                    (delivery/groups.py, group_reader.py); releases their events on exit
@@ -19,7 +21,7 @@ serve(settings)
 │   └── http api         hypercorn: health, readiness, metrics, server API
 └── connections nursery  outlives the accept loop (graceful drain)
     ├── accept loop      trio.serve_listeners, handler nursery = connections nursery
-    └── one Connection.run per socket (reader, writer, op worker, timers)
+    └── one Connection.run per socket (the reader; op worker and writer on demand)
 ```
 
 Shutdown: stop accepting (readiness turns false, the listeners close), write
@@ -51,6 +53,7 @@ from apix_trio.broker.events import Broker
 from apix_trio.commands.dispatch import run_command
 from apix_trio.gateway.handshake import handle_stream
 from apix_trio.gateway.hub import Hub
+from apix_trio.gateway.tls import TlsConfigError, server_ssl_context
 from apix_trio.http.api import make_app
 from apix_trio.observability.logs import bind_process_fields, get_logger
 from apix_trio.protocol.codes import CloseCode
@@ -109,9 +112,11 @@ async def serve(
 
     Resource handling: every listener, connection and broker connection is
     closed before this returns.
-    Error handling: KeyLoadError (unusable key files) is raised before
-    anything listens.
+    Error handling: KeyLoadError (unusable key files) and TlsConfigError
+    (unusable `server.tls_cert`/`server.tls_key`) are raised before anything
+    listens.
     """
+    ssl_context = server_ssl_context(settings.server)
     if keys is None:
         keys = KeyStore(settings.auth)
     verifier = Verifier(settings.auth, keys)
@@ -136,6 +141,8 @@ async def serve(
             if handle_signals:
                 services.start_soon(_watch_signals, shutdown, keys, hub)
             services.start_soon(_watch_key_files, keys)
+            await services.start(hub.timers.serve)
+            await services.start(hub.coalescer.serve)
             if worker_of is not None:
                 services.start_soon(watch_parent, worker_of, shutdown)
             reuse_port = worker_of is not None
@@ -149,10 +156,16 @@ async def serve(
             await services.start(hub.latency.serve)
             await services.start(hub.canary.serve)
             async with trio.open_nursery() as connections:
-                listeners = await _open_listeners(
+                tcp_listeners = await _open_listeners(
                     settings.server.host, settings.server.ws_port, reuse_port=reuse_port
                 )
-                ws_port = listeners[0].socket.getsockname()[1]
+                ws_port = tcp_listeners[0].socket.getsockname()[1]
+                listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(tcp_listeners)
+                if ssl_context is not None:  # wss://
+                    listeners = [
+                        trio.SSLListener(listener, ssl_context, https_compatible=True)
+                        for listener in tcp_listeners
+                    ]
                 accept_scope = trio.CancelScope()
                 connections.start_soon(_accept, accept_scope, hub, listeners, connections)
                 log.info(
@@ -161,6 +174,7 @@ async def serve(
                     ws_port=ws_port,
                     ws_path=settings.server.ws_path,
                     http_port=http_port,
+                    tls=ssl_context is not None,
                     broker="redis" if settings.broker.redis_url else "memory",
                     node=settings.server.node_id,
                     keys=list(keys.kids()),
@@ -189,10 +203,10 @@ async def serve(
 async def _accept(
     scope: trio.CancelScope,
     hub: Hub,
-    listeners: list[trio.SocketListener],
+    listeners: list[trio.abc.Listener[trio.abc.Stream]],
     handler_nursery: trio.Nursery,
 ) -> None:
-    async def handler(stream: trio.SocketStream) -> None:
+    async def handler(stream: trio.abc.Stream) -> None:
         await handle_stream(hub, stream)
 
     with scope:
@@ -242,6 +256,9 @@ async def _serve_http(hub: Hub, reuse_port: bool, *, task_status: trio.TaskStatu
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 1.0
+    if hub.settings.server.tls_cert:  # https://
+        config.certfile = hub.settings.server.tls_cert
+        config.keyfile = hub.settings.server.tls_key
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
             functools.partial(hypercorn_serve, make_app(hub), config, mode="asgi")  # type: ignore[arg-type]
@@ -299,8 +316,9 @@ def _tune_gc() -> None:
 def run(settings: Settings, *, worker_of: int | None = None) -> int:
     """Run the server in this process until SIGTERM/SIGINT; returns the exit code.
 
-    2 when the key files are unusable (like any other configuration
-    problem), 1 when a port cannot be bound, else 0. `worker_of`: see `serve`.
+    2 when the key files or the TLS certificate and key are unusable (like
+    any other configuration problem), 1 when a port cannot be bound, else 0.
+    `worker_of`: see `serve`.
     """
     try:
         keys = KeyStore(settings.auth)
@@ -309,6 +327,11 @@ def run(settings: Settings, *, worker_of: int | None = None) -> int:
         return 2
     if worker_of is not None:
         bind_process_fields(node=settings.server.node_id)  # workers share one stderr
+    try:
+        server_ssl_context(settings.server)
+    except TlsConfigError as exc:
+        print(f"apix-trio: config: server.tls_cert: {exc}", file=sys.stderr)
+        return 2
     status = 0
     # Errors raised inside serve's nurseries arrive in exception groups.
     _tune_gc()

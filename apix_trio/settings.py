@@ -27,6 +27,8 @@ class ServerSettings:
     shutdown_grace: float = 10.0
     node_id: str = attrs.field(factory=_default_node_id)
     workers: int = 1  # node processes sharing the ports; "auto" in sources = one per core
+    tls_cert: str = ""  # PEM certificate chain; with tls_key: wss:// and https://
+    tls_key: str = ""  # PEM private key of tls_cert
 
 
 @attrs.frozen

@@ -145,6 +145,43 @@ def apix_env(ws_port: int, http_port: int) -> dict[str, str]:
     return env
 
 
+TOKENS_FILE = OUT / "tokens.txt"
+DISTINCT_TOKENS = 20_000
+
+
+def mint_distinct_tokens(count: int = DISTINCT_TOKENS) -> Path:
+    """`count` RS256 tokens, each for its own `sub` (and `jti`), signed by the
+    dev key: the connection-rate and idle runs present a new token on every
+    connection, so the server verifies a new signature each time, as in a
+    real connection storm. Cached in bench-out/ while valid for 2 more hours."""
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+
+    key_path = OUT / "keys" / "dev.key"
+    if TOKENS_FILE.exists() and TOKENS_FILE.stat().st_mtime > key_path.stat().st_mtime:
+        first = TOKENS_FILE.read_text().split("\n", 1)[0]
+        claims = jwt.decode(first, options={"verify_signature": False})
+        if claims["exp"] > time.time() + 7200 and TOKENS_FILE.read_text().count("\n") >= count:
+            return TOKENS_FILE
+    log(f"minting {count} distinct RS256 tokens")
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    now = int(time.time())
+    perms = {"sub": [">"], "pub": [">"], "state": []}
+    lines = []
+    for i in range(count):
+        claims = {
+            "org": "bench",
+            "sub": f"bench-{i}",
+            "jti": f"{now}-{i}",
+            "iat": now,
+            "exp": now + 86_400,
+            "perms": perms,
+        }
+        lines.append(jwt.encode(claims, key, algorithm="RS256", headers={"kid": "dev"}))  # type: ignore[arg-type]
+    TOKENS_FILE.write_text("\n".join(lines) + "\n")
+    return TOKENS_FILE
+
+
 def mint_token() -> str:
     env = apix_env(0, 0)
     return sh(
@@ -247,11 +284,19 @@ class Server:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, loadgen: Path, node_modules: Path, token: str):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        loadgen: Path,
+        node_modules: Path,
+        token: str,
+        tokens_file: Path,
+    ):
         self.args = args
         self.loadgen = loadgen
         self.node_modules = node_modules
         self.token = token
+        self.tokens_file = tokens_file
         quick = args.quick
         self.fanout_ns = [20] if quick else [100, 1000]
         self.windows = [2, 32]
@@ -269,7 +314,8 @@ class Bench:
         if target == "apix":
             out = ["--proto", "apix", "--token", self.token]
             if header_auth:
-                out.append("--header-auth")
+                # A new connection presents a token never seen before.
+                out += ["--header-auth", "--tokens-file", str(self.tokens_file)]
             return out
         return ["--proto", "plain"]
 
@@ -821,9 +867,10 @@ def main() -> int:
     loadgen = build_loadgen()
     node_modules, ws_version = install_node_ws()
     token = mint_token()
+    tokens_file = mint_distinct_tokens()
     info = machine()
     info["versions"]["node ws"] = ws_version
-    bench = Bench(args, loadgen, node_modules, token)
+    bench = Bench(args, loadgen, node_modules, token, tokens_file)
     if nofile < bench.idle_conns + 1000:
         bench.idle_conns = max(100, nofile - 1000)
         log(f"RLIMIT_NOFILE too low: idle test uses {bench.idle_conns} connections")

@@ -78,6 +78,8 @@ async def memory_hub(tmp_path: Path, **sections: Any) -> AsyncIterator[MemHub]:
             await nursery.start(hub.groups.run)  # consumer-group delivery
             await nursery.start(hub.presence.run)  # leaves of closed connections, reaping
             await nursery.start(hub.audit.serve)  # the audit trail's writer
+            await nursery.start(hub.timers.serve)  # connection timers
+            await nursery.start(hub.coalescer.serve)  # socket writes
             yield MemHub(hub, Path(private), nursery)
             nursery.cancel_scope.cancel()
 

@@ -16,6 +16,8 @@ connection (no task leaked). Everything runs in memory on a MockClock.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -147,9 +149,12 @@ async def end(victim: Victim, how: str) -> None:
 
 
 def assert_no_trace(hub: Hub, *, others: int) -> None:
-    """Only the `others` helper connections remain, with no subscription."""
+    """Only the `others` helper connections remain, with no subscription,
+    and no timer entry is left (`others` is 0 wherever timers are checked)."""
     assert_hub_idle(hub, others=others)
     assert hub.router.statistics().channels == 0
+    if others == 0:
+        assert len(hub.timers) == 0
 
 
 # -- the cases ------------------------------------------------------------------------
@@ -313,3 +318,85 @@ async def test_header_auth_connection_cancelled_at_once(tmp_path, autojump_clock
         await trio.testing.wait_all_tasks_blocked()
         assert task_names() == baseline
         assert_no_trace(hub, others=0)
+
+
+# -- timers: a connection cut at any point of its timers' lives --------------------
+
+
+TIMER_POINTS = {
+    # where the connection is when it is cut -> the timer entries it holds then
+    "before_the_upgrade": 0,
+    "awaiting_auth": 2,  # first ping, auth timeout
+    "authenticated": 2,  # first ping, token warning
+    "ping_outstanding": 2,  # pong deadline, token warning
+    "token_expiring_sent": 2,  # first ping, token expiry close
+    "header_auth": 2,  # first ping, token warning
+}
+
+
+@pytest.mark.parametrize("how", ["hang_up", "close_frame", "cancel_task"])
+@pytest.mark.parametrize("point", list(TIMER_POINTS))
+async def test_cut_at_any_timer_point_leaves_no_timer_entry(
+    tmp_path, autojump_clock, key_dir, point, how
+):
+    settings = hub_settings(key_dir)
+    settings["heartbeat"] = {"interval": 20.0, "timeout": 15.0}
+    settings["auth"] = {"dev_key_dir": key_dir, "timeout": 50.0, "expiry_warning": 30.0}
+    async with memory_hub(tmp_path, **settings) as mem:
+        hub = mem.hub
+        await trio.testing.wait_all_tasks_blocked()
+        baseline = task_names()
+        assert len(hub.timers) == 0
+        async with trio.open_nursery() as nursery:
+            client_stream, server_stream = pipe_pair(1 << 20)
+            scope = trio.CancelScope()
+            done = trio.Event()
+
+            async def serve() -> None:
+                with scope:
+                    await handle_stream(hub, server_stream)
+                done.set()
+
+            nursery.start_soon(serve)
+            client = MemClient(client_stream)
+            victim = Victim(client, scope, done, [])
+            if point != "before_the_upgrade":
+                headers = []
+                if point == "header_auth":
+                    headers = [(b"authorization", f"Bearer {mem.token(ttl=100)}".encode())]
+                await client.handshake(headers)
+                if point == "header_auth":
+                    assert (await client.recv() or {}).get("push") == "connected"
+                elif point != "awaiting_auth":
+                    reply = await client.call("auth", token=mem.token(ttl=100))
+                    assert reply["ok"], reply
+                if point == "ping_outstanding":
+                    client.answer_pings = False
+                    assert await client.recv(until=lambda: bool(client.pings)) is None
+                if point == "token_expiring_sent":
+                    push = await client.recv()
+                    assert push is not None and push["push"] == "token_expiring"
+                await trio.testing.wait_all_tasks_blocked()
+                conn = next(iter(hub.registry))
+                alive = weakref.ref(conn)
+                del conn
+            else:
+                await client.stream.send_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+                await trio.testing.wait_all_tasks_blocked()
+                alive = None
+            assert len(hub.timers) == TIMER_POINTS[point]
+            if point == "before_the_upgrade" and how == "close_frame":
+                # A close frame in the middle of the request head: more bytes
+                # of a head that never ends (the handshake timeout ends it).
+                await client.stream.send_all(b"\x88\x80\x00\x00\x00\x00")
+            else:
+                await end(victim, how)
+            await done.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(hub.timers) == 0
+        assert all(entry.callback is None for entry in hub.timers._heap)
+        assert task_names() == baseline
+        assert_no_trace(hub, others=0)
+        if alive is not None:
+            gc.collect()
+            assert alive() is None, "something still holds the closed connection"

@@ -11,10 +11,13 @@ running during a reload sees either the old or the new set, never a mix;
 `changed()` is a cheap `stat` poll for the server's file watcher.
 
 `Verifier.verify` is pure apart from the key set: the time is passed in
-(default: the wall clock). The compact JWS is parsed here and pyjwt's
-algorithm objects check the signature; every claim rule, `exp`/`nbf`/`iat`
-included, is checked here too, so tests can inject time and the rules live
-in one place. The payload is only decoded once its signature is good.
+(default: the wall clock). The compact JWS is parsed here; an RS256
+signature is checked by one direct `cryptography` call on the key parsed
+at load time (padding and hash objects made once), the other algorithms by
+pyjwt's algorithm objects. Every claim rule, `exp`/`nbf`/`iat` included, is
+checked here too, so tests can inject time and the rules live in one place.
+The payload is only decoded once its signature is good. Nothing is cached
+per token: every connection's token is verified in full.
 
 Alg confusion: the token header chooses the algorithm only among those
 configured; asymmetric algorithms are only ever verified with keys of
@@ -41,8 +44,9 @@ import attrs
 import jwt
 import orjson
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from jwt.algorithms import HMACAlgorithm, get_default_algorithms
 
 from apix_trio.auth.devkeys import algorithm_for, ensure_dev_keys
@@ -66,6 +70,20 @@ _ALGORITHMS = {
     for name, algorithm in get_default_algorithms().items()
     if name in (*SUPPORTED_ALGORITHMS, HMAC_ALGORITHM)
 }
+_PKCS1V15 = padding.PKCS1v15()
+_SHA256 = hashes.SHA256()
+
+
+def _rs256_verify(signing_input: bytes, key: Any, signature: bytes) -> bool:
+    """RS256 by one `cryptography` call (what pyjwt's RSAAlgorithm does, minus
+    its per-call padding and hash objects)."""
+    if not isinstance(key, rsa.RSAPublicKey):
+        return False
+    try:
+        key.verify(signature, signing_input, _PKCS1V15, _SHA256)
+    except InvalidSignature:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- results
@@ -538,9 +556,9 @@ class Verifier:
         if not isinstance(alg, str):
             raise AuthError(Reason.MALFORMED, "the token header has no algorithm")
         candidates = self._candidates(header, alg)  # refuses algorithms not allowed
-        algorithm = _ALGORITHMS[alg]
+        verify = _rs256_verify if alg == "RS256" else _ALGORITHMS[alg].verify
         for key in candidates:
-            if algorithm.verify(signing_input, key, signature):
+            if verify(signing_input, key, signature):
                 return _b64decode(payload_segment)
         raise AuthError(Reason.BAD_SIGNATURE, "the token signature is not valid")
 

@@ -52,7 +52,8 @@ class AuditedConnection(Protocol):
     peer: str
     identity: Identity | None
     claimed: tuple[str, str] | None
-    abuse: AbuseTracker
+    @property
+    def abuse(self) -> AbuseTracker: ...
 
     @property
     def id(self) -> str: ...

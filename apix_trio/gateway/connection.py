@@ -1,33 +1,46 @@
-"""One WebSocket connection: its nursery, its tasks, its close.
+"""One WebSocket connection: its task, its on-demand helpers, its timers, its close.
 
 Theory of operation
 -------------------
-`Connection.run` owns the connection's nursery:
+An idle connection is one task and a few small objects. `Connection.run`
+(the task `handle_stream` runs in) is the reader: the only code that reads
+the socket. It decodes frames through the sans-IO `ServerProtocol`, answers
+what needs no I/O (bad frames, unauthenticated ops, rate limits) and queues
+commands; it never waits on the broker, so pings and close frames keep
+flowing. Helpers run in the connection's nursery only while they have work:
 
-- reader: the only task that reads the socket. It decodes frames through the
-  sans-IO `ServerProtocol`, answers what needs no I/O (bad frames,
-  unauthenticated ops, rate limits) and queues commands for the op worker; it
-  never waits on the broker, so pings and close frames keep flowing.
-- work scope (cancelled first on close), a child nursery with:
-  - writer: outbox -> socket, a batch per write;
-  - op worker: runs commands one at a time, in arrival order, so one
-    client's publishes are stored in the order it sent them;
-  - heartbeat: ping every `heartbeat.interval`, close 4008 without a pong;
-  - auth timer, then token timers (warn before `exp`, close 4003 after it).
+- op worker: started when a command is queued and none is running, gone
+  when the queue is empty. It runs commands one at a time, in arrival order
+  (one client's publishes are stored in the order it sent them), each with
+  the time it arrived (the `unavailable` bound counts from arrival).
+- writer: started when a socket write could not complete at once (the
+  socket is full, or the stream is not a plain socket), gone once the
+  outbox is empty.
 
-Any task may call `request_close(code)`: it is synchronous, idempotent and
-the first call wins. The nursery body then cancels the work scope (a socket
-write in progress finishes, bounded by the send timeout), sends the close
-frame, waits a moment for the peer's close (unless the socket is dead), and
-cancels the reader. Cleanup
-(router, registry, metrics) is synchronous in `finally`, so a cancelled
-connection leaves nothing behind.
+Frames (replies, pushes, events, pongs, pings) are queued in the outbox and
+written by the node's write coalescer (`gateway/coalesce.py`): one `send`
+per connection per scheduler tick, whatever the number of frames.
+
+Timers (heartbeat ping and pong deadline, auth timeout, token warning and
+expiry) are entries in the node's timer service (`gateway/timers.py`), not
+tasks; the connection holds at most three entries and cancels them when it
+closes, so it leaves none behind.
+
+Any code may call `request_close(code)`: it is synchronous, idempotent and
+the first call wins. It cancels the reader's scope; `run` then keeps reading
+in a helper (pings answered, the peer's close frame noticed) while it waits
+for the outbox to drain (with `flush`), cancels the helpers (a socket write
+in progress finishes, bounded by the send timeout), sends the close frame,
+waits a moment for the peer's close (unless the socket is dead), and stops
+reading. Cleanup (router, registry, metrics, timers) is synchronous in
+`finally`, so a cancelled connection leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import itertools
 import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -36,8 +49,9 @@ from apix_trio.auth.permissions import Permissions
 from apix_trio.delivery.backoff import jittered_first_ping
 from apix_trio.gateway import auditing
 from apix_trio.gateway.hub import Hub
-from apix_trio.gateway.outbox import Outbox
+from apix_trio.gateway.outbox import Outbox, Queued
 from apix_trio.gateway.ratelimit import AbuseTracker, TokenBucket
+from apix_trio.gateway.timers import TimerEntry
 from apix_trio.gateway.websocket import PeerClosed, ProtocolClose, ServerWebSocket
 from apix_trio.protocol.codec import encode_error, encode_push
 from apix_trio.protocol.codes import CLOSE_REASONS, CloseCode, ErrorCode
@@ -51,6 +65,7 @@ from apix_trio.routing.subscriptions import ChannelSubscription, SentTracker
 OP_QUEUE = 64
 CLOSE_WAIT = 2.0
 FLUSH_WAIT = 2.0
+FLUSH_BYTES = 256 * 1024
 
 
 def new_connection_id() -> str:
@@ -59,6 +74,48 @@ def new_connection_id() -> str:
 
 class Connection:
     """See the module docstring."""
+
+    # "__dict__": other modules may still hang attributes on a
+    # connection; the dict is only made when one does.
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "_abuse",
+        "_auth_timer",
+        "_closing",
+        "_flush_before_close",
+        "_flush_marked",
+        "_heartbeat_timer",
+        "_joined_org",
+        "_nursery",
+        "_op_room",
+        "_ops",
+        "_ping_counter",
+        "_ping_payload",
+        "_ping_sent_at",
+        "_read_scope",
+        "_reader_done",
+        "_token_timer",
+        "_work_scopes",
+        "_worker_running",
+        "_writer_running",
+        "backend_failed",
+        "bucket",
+        "close_code",
+        "close_reason",
+        "hub",
+        "id",
+        "identity",
+        "log",
+        "opened_at",
+        "outbox",
+        "outbox_limit_items",
+        "permissions",
+        "protocol",
+        "session",
+        "subscriptions",
+        "ws",
+    )
 
     def __init__(self, hub: Hub, ws: ServerWebSocket, *, conn_id: str | None = None) -> None:
         settings = hub.settings
@@ -76,29 +133,37 @@ class Connection:
         self.protocol = ServerProtocol(settings.limits.bad_frames)
         rate = settings.limits.ops_per_second
         self.bucket = TokenBucket(rate, 2 * rate)
-        self.abuse = AbuseTracker()
+        self._abuse: AbuseTracker | None = None  # made at the first rate-limited op
         self.close_code: int | None = None
         self.close_reason = ""
         self.opened_at = trio.current_time()
         self.peer = auditing.peer_address(ws.stream)  # the audit trail's `ip`
         self.claimed: tuple[str, str] | None = None  # org/sub of a verified token refused later
         self.received_at = 0.0  # arrival of the command the op worker runs
-        self._closing = trio.Event()
-        self._authenticated = trio.Event()
-        self._reader_done = trio.Event()
-        self._pong = trio.Event()
-        self._ping_payload = b""
-        self._ping_counter = itertools.count(1)
+        self._closing = False
+        self._read_scope = trio.CancelScope()
+        self._reader_done: trio.Event | None = None  # made when the close begins
+        self._nursery: trio.Nursery | None = None  # None: no more helpers
+        self._work_scopes: list[trio.CancelScope] = []
         # Commands with the trio time they arrived: the `unavailable` bound
         # counts from arrival, not from when the op worker gets to them.
-        self._ops_send, self._ops_recv = trio.open_memory_channel[tuple[Command, float]](OP_QUEUE)
+        self._ops: deque[tuple[Command, float]] = deque()
+        self._op_room: trio.lowlevel.ParkingLot | None = None
+        self._worker_running = False
+        self._writer_running = False
+        self._flush_marked = False
+        self._heartbeat_timer: TimerEntry | None = None
+        self._auth_timer: TimerEntry | None = None
+        self._token_timer: TimerEntry | None = None
+        self._ping_payload = b""
+        self._ping_sent_at = 0.0
+        self._ping_counter = 0
         self.backend_failed = False  # the last broker call of this connection failed
-        self._work_nursery: trio.Nursery | None = None
-        self._token_scope: trio.CancelScope | None = None
         self._joined_org = False
         self._flush_before_close = True
         self.log = hub.log.bind(conn=self.id)
         ws.on_pong = self._on_pong
+        ws.send_control = self._send_control
 
     # -- identity --------------------------------------------------------------
 
@@ -112,6 +177,12 @@ class Connection:
         assert self.identity is not None
         return self.identity.sub
 
+    @property
+    def abuse(self) -> AbuseTracker:
+        if self._abuse is None:
+            self._abuse = AbuseTracker()
+        return self._abuse
+
     def authenticate(self, identity: Identity) -> None:
         """Adopt `identity` (the caller has taken its connection slot)."""
         self.hub.registry.try_join_org(identity.org, 0)
@@ -121,7 +192,9 @@ class Connection:
         self.session = secrets.token_urlsafe(12)
         self.protocol.mark_authenticated()
         self.log = self.log.bind(org=identity.org, sub=identity.sub)
-        self._authenticated.set()
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
         self._restart_token_timers()
         self.hub.sessions.opened(self)
         self.hub.directory.opened(self.id, identity.org, identity.sub)
@@ -151,7 +224,7 @@ class Connection:
     # -- outbound --------------------------------------------------------------
 
     def send_text(self, text: str) -> None:
-        """Send or queue a reply or push; a full outbox closes the connection (4009)."""
+        """Queue a reply or push; a full outbox closes the connection (4009)."""
         if not self._deliver(text_frame_str(text), None, None, None):
             self._slow_consumer()
 
@@ -175,27 +248,80 @@ class Connection:
         tracker: SentTracker | None,
         event_id: StreamId | None,
     ) -> bool:
-        """Write the frame at once when nothing is queued and the socket takes
-        it (no task switch, no lock: the common case for a reader that keeps
-        up), else queue it (the rest of it, after a partial write) for the
-        writer. False when the outbox is full."""
+        """Queue the frame and see that it gets written: by the coalescer at
+        the end of this tick, or by the writer task when one is running.
+        False when the outbox is full."""
+        if not self.outbox.put_nowait(frame, ts, tracker, event_id):
+            return False
+        self._written_soon()
+        return True
+
+    def _send_control(self, frame: bytes) -> None:
+        """Queue a ping or pong in order with the data frames (no limits)."""
+        self.outbox.put_control(frame)
+        self._written_soon()
+
+    def _written_soon(self) -> None:
+        coalescer = self.hub.coalescer
+        coalescer.added += 1
+        if self._flush_marked or self._writer_running:
+            return
+        if self.ws.can_send_nowait:
+            self._flush_marked = True
+            coalescer.mark(self)
+        else:
+            self._start_writer()
+
+    def flush_ready(self) -> None:
+        """Write queued frames with one non-blocking send (the coalescer calls
+        this); whatever the socket does not take goes to the writer task."""
+        self._flush_marked = False
         outbox = self.outbox
-        if not len(outbox) and outbox.accepting:
-            written = self.ws.try_send_nowait(frame)
-            if written == len(frame):
-                if ts is not None:
-                    self.hub.metrics.latency.observe(self.hub.wall() * 1000 - ts)
-                    self.hub.latency.delivered(self.org, ts)
-                    self.hub.metrics.delivered.inc()
-                if tracker is not None and event_id is not None:
-                    tracker.sent_id = event_id
-                return True
+        if self._writer_running or not len(outbox):
+            return
+        batch = outbox.take_batch(FLUSH_BYTES)
+        data = batch[0].frame if len(batch) == 1 else b"".join(item.frame for item in batch)
+        written = self.ws.try_send_nowait(data)
+        if written == len(data):
+            self._account(batch)
+            if len(outbox):
+                self._flush_marked = True
+                self.hub.coalescer.mark(self)
+            return
+        sent: list[Queued] = []
+        for index, item in enumerate(batch):
+            size = len(item.frame)
+            if written >= size:
+                written -= size
+                sent.append(item)
+                continue
+            rest = batch[index:]
             if written:
-                frame = frame[written:]
-        return outbox.put_nowait(frame, ts, tracker, event_id)
+                rest[0] = item._replace(frame=item.frame[written:])
+            outbox.push_front(rest)
+            break
+        self._account(sent)
+        self._start_writer()
+
+    def _account(self, batch: list[Queued]) -> None:
+        """Latency and delivery metrics, session positions: frames are on the wire."""
+        metrics = self.hub.metrics
+        latency = metrics.latency
+        org_latency = self.hub.latency
+        now_ms = self.hub.wall() * 1000
+        events = 0
+        for item in batch:
+            if item.event_ts is not None:
+                latency.observe(now_ms - item.event_ts)
+                org_latency.delivered(self.org, item.event_ts, now_ms)
+                events += 1
+            if item.tracker is not None and item.event_id is not None:
+                item.tracker.sent_id = item.event_id
+        if events:
+            metrics.delivered.inc(events)
 
     def _slow_consumer(self) -> None:
-        if not self._closing.is_set():
+        if not self._closing:
             self.hub.metrics.slow_consumers.inc()
             stats = self.outbox.statistics()
             self.log.warning("slow_consumer", queued=stats.items, queued_bytes=stats.bytes)
@@ -211,7 +337,7 @@ class Connection:
         seconds; without it they are dropped (slow consumer, dead peer).
         `by_peer`: the peer closed first (`code` is its own; not audited).
         """
-        if self._closing.is_set():
+        if self._closing:
             return
         self._flush_before_close = flush
         self.close_code = code
@@ -224,8 +350,12 @@ class Connection:
             self.outbox.seal()
         else:
             self.outbox.close()
-        self._ops_recv.close()  # a reader blocked on a full op queue wakes up
-        self._closing.set()
+        self._ops.clear()  # queued commands are dropped; the running one finishes
+        if self._op_room is not None:
+            self._op_room.unpark_all()  # a reader waiting for queue room wakes up
+        self._closing = True
+        self._stop_timers()
+        self._read_scope.cancel()
         if not by_peer:
             auditing.server_close(self, code, self.close_reason)
 
@@ -236,7 +366,7 @@ class Connection:
 
     @property
     def closing(self) -> bool:
-        return self._closing.is_set()
+        return self._closing
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -244,8 +374,8 @@ class Connection:
         """Serve the connection until it closes; never raises for client faults.
 
         Resource handling: registers with the hub's registry and removes every
-        trace (router entries, org count, gauges) in `finally`, and closes the
-        socket.
+        trace (router entries, org count, gauges, timer entries) in `finally`,
+        and closes the socket.
         """
         hub = self.hub
         hub.registry.add(self)
@@ -253,25 +383,39 @@ class Connection:
         hub.metrics.connections_total.inc()
         self.log.info("connect")
         try:
-            if header_identity is not None:
-                self.authenticate(header_identity)
-                self.send_text(encode_push("connected", **self.auth_result()))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_loop)
-                work = trio.CancelScope()
-                nursery.start_soon(self._work, work)
-                await self._closing.wait()
-                if self._flush_before_close:
-                    with trio.move_on_after(FLUSH_WAIT):
-                        await self.outbox.wait_empty()
-                work.cancel()
-                if await self._send_close():
-                    with trio.move_on_after(CLOSE_WAIT):
-                        await self._reader_done.wait()
-                nursery.cancel_scope.cancel()
+                self._nursery = nursery
+                self._start_timers(header_identity)
+                if header_identity is not None:
+                    self.authenticate(header_identity)
+                    self.send_text(encode_push("connected", **self.auth_result()))
+                with self._read_scope:
+                    await self._read_loop()
+                await self._close(nursery)
         finally:
+            self._nursery = None
             self._cleanup()
             await self.ws.aclose()
+
+    async def _close(self, nursery: trio.Nursery) -> None:
+        """The close procedure, once `request_close` was called."""
+        reader_done = self._reader_done
+        if reader_done is None:  # the reader was interrupted: keep reading meanwhile
+            reader_done = self._reader_done = trio.Event()
+            nursery.start_soon(self._read_loop)
+        if self._flush_before_close:
+            with trio.move_on_after(FLUSH_WAIT):
+                await self.outbox.wait_empty()
+        for scope in self._work_scopes:
+            scope.cancel()
+        self._nursery = None  # no more helpers
+        if await self._send_close():
+            with trio.move_on_after(CLOSE_WAIT):
+                await reader_done.wait()
+            if len(self.outbox):  # our answer to the peer's close frame
+                with trio.move_on_after(FLUSH_WAIT):
+                    await self.outbox.wait_empty()
+        nursery.cancel_scope.cancel()
 
     async def _send_close(self) -> bool:
         """Send our close frame; False when the socket is dead (no reply can come)."""
@@ -284,6 +428,8 @@ class Connection:
 
     def _cleanup(self) -> None:
         hub = self.hub
+        self._closing = True
+        self._stop_timers()
         hub.sessions.closed(self)  # before the subscriptions go: the final record
         hub.presence.closed(self)  # queues a leave per presence channel
         for subscription in self.subscriptions.values():
@@ -296,8 +442,7 @@ class Connection:
         hub.metrics.state_subscribers.dec(len(self.state_watches))
         self.state_watches.clear()
         self.outbox.close()
-        self._ops_send.close()
-        self._ops_recv.close()
+        self._ops.clear()
         if self._joined_org and self.identity is not None:
             hub.registry.leave_org(self.identity.org)
             self._joined_org = False
@@ -314,34 +459,40 @@ class Connection:
             duration=round(trio.current_time() - self.opened_at, 3),
         )
 
-    async def _work(self, scope: trio.CancelScope) -> None:
-        with scope:
-            async with trio.open_nursery() as nursery:
-                self._work_nursery = nursery
-                nursery.start_soon(self._write_loop)
-                nursery.start_soon(self._op_loop)
-                nursery.start_soon(self._heartbeat)
-                if self.identity is None:
-                    nursery.start_soon(self._auth_timer)
-                elif self._token_scope is None:
-                    self._restart_token_timers()
+    def _spawn(self, fn: Callable[[trio.CancelScope], Awaitable[None]]) -> bool:
+        """Start a helper in the connection's nursery; False once closing."""
+        nursery = self._nursery
+        if nursery is None:
+            return False
+        scope = trio.CancelScope()
+        try:
+            nursery.start_soon(fn, scope)
+        except RuntimeError:  # the nursery is already closing
+            return False
+        self._work_scopes.append(scope)
+        return True
 
     # -- reader ----------------------------------------------------------------
 
     async def _read_loop(self) -> None:
+        """Read until the peer closes or breaks a rule; interrupted (cancelled)
+        by `request_close`. Once closing, messages are read and dropped."""
         try:
             while True:
                 text = await self.ws.next_message()
-                if self._closing.is_set():
+                if self._closing:
                     continue
                 await self._on_text(text)
         except ProtocolClose as exc:
             self.request_close(exc.code, exc.reason)
         except PeerClosed as exc:
             code = exc.code if exc.code is not None else 1006
-            self.request_close(code, exc.reason, flush=False, by_peer=True)
-        finally:
-            self._reader_done.set()
+            # A close frame was answered: what was queued before it (pongs
+            # to its pings included) goes out ahead of our close frame.
+            self.request_close(code, exc.reason, flush=exc.answered, by_peer=True)
+        if self._reader_done is None:
+            self._reader_done = trio.Event()
+        self._reader_done.set()
 
     async def _on_text(self, text: str) -> None:
         result = self.protocol.receive_text(text)
@@ -369,99 +520,120 @@ class Connection:
                 if self.abuse.record(now, limited=True):
                     self.request_close(CloseCode.RATE_LIMIT_ABUSE)
                 return
-            self.abuse.record(now, limited=False)
-        try:
-            await self._ops_send.send((result, trio.current_time()))
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+            if self._abuse is not None:
+                self._abuse.record(now, limited=False)
+        await self._queue_op(result, trio.current_time())
 
-    # -- op worker -------------------------------------------------------------
+    async def _queue_op(self, command: Command, received_at: float) -> None:
+        """Hand the command to the op worker (started if none runs); waits
+        while OP_QUEUE commands are already queued."""
+        while len(self._ops) >= OP_QUEUE and not self._closing:
+            if self._op_room is None:
+                self._op_room = trio.lowlevel.ParkingLot()
+            await self._op_room.park()
+        if self._closing:
+            return
+        self._ops.append((command, received_at))
+        if not self._worker_running:
+            self._worker_running = self._spawn(self._op_worker)
 
-    async def _op_loop(self) -> None:
+    # -- helpers ---------------------------------------------------------------
+
+    async def _op_worker(self, scope: trio.CancelScope) -> None:
         run_command = self.hub.commands
+        ops = self._ops
         try:
-            async for command, received_at in self._ops_recv:
-                self.received_at = received_at
-                await run_command(self, command, received_at)
-        except trio.ClosedResourceError:
-            return  # request_close closed the queue
+            with scope:
+                while ops:
+                    command, received_at = ops.popleft()
+                    if self._op_room is not None:
+                        self._op_room.unpark()
+                    self.received_at = received_at
+                    await run_command(self, command, received_at)
+        finally:
+            self._worker_running = False
+            self._work_scopes.remove(scope)
 
-    # -- writer ----------------------------------------------------------------
+    def _start_writer(self) -> None:
+        if not self._writer_running and len(self.outbox):
+            self._writer_running = self._spawn(self._write_loop)
 
-    async def _write_loop(self) -> None:
-        metrics = self.hub.metrics
-        latency = metrics.latency
-        org_latency = self.hub.latency
+    async def _write_loop(self, scope: trio.CancelScope) -> None:
+        outbox = self.outbox
         try:
-            while True:
-                batch = await self.outbox.get_batch()
-                await self.ws.send_raw_frames(b"".join(item.frame for item in batch))
-                now_ms = self.hub.wall() * 1000
-                events = 0
-                for item in batch:
-                    if item.event_ts is not None:
-                        latency.observe(now_ms - item.event_ts)
-                        org_latency.delivered(self.org, item.event_ts, now_ms)
-                        events += 1
-                    if item.tracker is not None and item.event_id is not None:
-                        item.tracker.sent_id = item.event_id
-                if events:
-                    metrics.delivered.inc(events)
+            with scope:
+                while batch := outbox.take_batch():
+                    await self.ws.send_raw_frames(b"".join(item.frame for item in batch))
+                    self._account(batch)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.request_close(1006, "connection lost", flush=False)
+        finally:
+            self._writer_running = False
+            self._work_scopes.remove(scope)
 
     # -- timers ----------------------------------------------------------------
 
-    def _on_pong(self, payload: bytes) -> None:
-        if payload == self._ping_payload:
-            self._pong.set()
+    def _start_timers(self, header_identity: Identity | None) -> None:
+        settings = self.hub.settings
+        timers = self.hub.timers
+        first_ping = jittered_first_ping(settings.heartbeat.interval, self.hub.rng)
+        self._heartbeat_timer = timers.call_later(first_ping, self._ping_due)
+        if header_identity is None:
+            self._auth_timer = timers.call_later(settings.auth.timeout, self._auth_expired)
 
-    async def _heartbeat(self) -> None:
-        settings = self.hub.settings.heartbeat
-        await trio.sleep(jittered_first_ping(settings.interval, self.hub.rng))
-        while True:
-            sent_at = trio.current_time()
-            self._pong = trio.Event()
-            self._ping_payload = str(next(self._ping_counter)).encode()
-            try:
-                await self.ws.send_ping(self._ping_payload)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.request_close(1006, "connection lost", flush=False)
-                return
-            with trio.move_on_after(settings.timeout):
-                await self._pong.wait()
-            if not self._pong.is_set():
-                self.log.info("heartbeat_timeout")
-                self.request_close(CloseCode.HEARTBEAT_TIMEOUT, flush=False)
-                return
-            await trio.sleep_until(sent_at + settings.interval)
+    def _stop_timers(self) -> None:
+        for entry in (self._heartbeat_timer, self._auth_timer, self._token_timer):
+            if entry is not None:
+                entry.cancel()
+        self._heartbeat_timer = self._auth_timer = self._token_timer = None
 
-    async def _auth_timer(self) -> None:
-        with trio.move_on_after(self.hub.settings.auth.timeout):
-            await self._authenticated.wait()
+    def _ping_due(self) -> None:
+        if self._closing:
             return
-        self.log.info("auth_timeout")
-        self.request_close(CloseCode.UNAUTHENTICATED, "authentication timeout")
+        self._ping_sent_at = trio.current_time()
+        self._ping_counter += 1
+        self._ping_payload = str(self._ping_counter).encode()
+        self._send_control(self.ws.ping_frame(self._ping_payload))
+        self._heartbeat_timer = self.hub.timers.call_at(
+            self._ping_sent_at + self.hub.settings.heartbeat.timeout, self._pong_missing
+        )
+
+    def _on_pong(self, payload: bytes) -> None:
+        if self._closing or not self._ping_payload or payload != self._ping_payload:
+            return
+        self._ping_payload = b""
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+        next_ping = self._ping_sent_at + self.hub.settings.heartbeat.interval
+        self._heartbeat_timer = self.hub.timers.call_at(next_ping, self._ping_due)
+
+    def _pong_missing(self) -> None:
+        self._heartbeat_timer = None
+        self.log.info("heartbeat_timeout")
+        self.request_close(CloseCode.HEARTBEAT_TIMEOUT, flush=False)
+
+    def _auth_expired(self) -> None:
+        self._auth_timer = None
+        if self.identity is None:
+            self.log.info("auth_timeout")
+            self.request_close(CloseCode.UNAUTHENTICATED, "authentication timeout")
 
     def _restart_token_timers(self) -> None:
-        if self._token_scope is not None:
-            self._token_scope.cancel()
-        if self._work_nursery is None or self.identity is None:
-            self._token_scope = None
+        if self._token_timer is not None:
+            self._token_timer.cancel()
+            self._token_timer = None
+        if self.identity is None or self._closing:
             return
-        scope = trio.CancelScope()
-        self._token_scope = scope
-        self._work_nursery.start_soon(self._token_timers, scope, self.identity.exp)
+        exp = self.identity.exp
+        warn_in = max(0.0, exp - self.hub.settings.auth.expiry_warning - self.hub.wall())
+        self._token_timer = self.hub.timers.call_later(warn_in, lambda: self._token_expiring(exp))
 
-    async def _token_timers(self, scope: trio.CancelScope, exp: int) -> None:
-        auth = self.hub.settings.auth
-        with scope:
-            warn_in = exp - auth.expiry_warning - self.hub.wall()
-            if warn_in > 0:
-                await trio.sleep(warn_in)
-            self.send_text(encode_push("token_expiring", exp=exp))
-            close_in = exp + auth.leeway - self.hub.wall()
-            if close_in > 0:
-                await trio.sleep(close_in)
-            self.log.info("token_expired")
-            self.request_close(CloseCode.TOKEN_EXPIRED)
+    def _token_expiring(self, exp: int) -> None:
+        self.send_text(encode_push("token_expiring", exp=exp))
+        close_in = max(0.0, exp + self.hub.settings.auth.leeway - self.hub.wall())
+        self._token_timer = self.hub.timers.call_later(close_in, self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._token_timer = None
+        self.log.info("token_expired")
+        self.request_close(CloseCode.TOKEN_EXPIRED)

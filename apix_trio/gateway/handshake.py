@@ -10,7 +10,6 @@ opens a WebSocket.
 from __future__ import annotations
 
 import trio
-from wsproto.events import Request
 
 from apix_trio.auth.identity import Identity
 from apix_trio.auth.keys import AuthError
@@ -18,6 +17,7 @@ from apix_trio.broker.model import BrokerUnavailable
 from apix_trio.gateway import auditing
 from apix_trio.gateway.connection import Connection, new_connection_id
 from apix_trio.gateway.hub import Hub
+from apix_trio.gateway.upgrade import UpgradeRequest
 from apix_trio.gateway.websocket import HandshakeFailed, ServerWebSocket
 
 SUBPROTOCOL = "apix.v1"
@@ -32,15 +32,8 @@ class Rejected(Exception):
         self.message = message
 
 
-def _header(request: Request, name: bytes) -> str | None:
-    for key, value in request.extra_headers:
-        if bytes(key).lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
-
-
 def check_request(
-    hub: Hub, request: Request, *, conn_id: str = "", peer: str = ""
+    hub: Hub, request: UpgradeRequest, *, conn_id: str = "", peer: str = ""
 ) -> tuple[str | None, Identity | None]:
     """Apply the handshake rules; returns (subprotocol, header identity).
 
@@ -52,7 +45,7 @@ def check_request(
     path = request.target.split("?", 1)[0]
     if path != server.ws_path:
         raise Rejected(404, "not found")
-    origin = _header(request, b"origin")
+    origin = request.header(b"origin")
     if origin is not None and server.allowed_origins and origin not in server.allowed_origins:
         raise Rejected(403, "origin not allowed")
     subprotocol = None
@@ -63,7 +56,7 @@ def check_request(
     if not hub.accepting:
         raise Rejected(503, "server shutting down")
     identity = None
-    authorization = _header(request, b"authorization")
+    authorization = request.header(b"authorization")
     if authorization is not None:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -103,7 +96,7 @@ async def _handshake(
             hub.metrics.handshake_rejections.labels(status=str(exc.status)).inc()
             await ws.reject(exc.status, exc.message + "\n")
             return False, None
-        await ws.accept(subprotocol)
+        await ws.accept(request, subprotocol)
         return True, identity
     return False, None
 

@@ -1,6 +1,7 @@
 """What every connection of one server shares: settings, broker, router, keys, metrics.
 
-The hub owns no tasks; `apix_trio.server` builds it and runs the services.
+The hub owns no tasks; `apix_trio.server` builds it and runs the services
+(among them `timers.serve` and `coalescer.serve`, which every connection needs).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from apix_trio.delivery.canary import DeliveryCanary
 from apix_trio.delivery.groups import GroupManager
 from apix_trio.delivery.presence import PresenceService
 from apix_trio.delivery.sessions import SessionKeeper
+from apix_trio.gateway.coalesce import WriteCoalescer
 from apix_trio.gateway.control import CONTROL_CHANNEL, ControlChannel
 from apix_trio.gateway.directory import DirectoryKeeper
 from apix_trio.gateway.registry import ConnectionRegistry
 from apix_trio.gateway.slots import ConnectionSlots
+from apix_trio.gateway.timers import TimerService
 from apix_trio.observability.audit import AuditRecord, AuditTrail, AuditWriter
 from apix_trio.observability.latency import LatencyStore, LatencyTracker
 from apix_trio.observability.logs import get_logger
@@ -66,6 +69,9 @@ class Hub:
     audit: AuditTrail = attrs.field(default=None, kw_only=True)
     latency: LatencyTracker = attrs.field(default=None, kw_only=True)
     canary: DeliveryCanary = attrs.field(default=None, kw_only=True)
+    # Node-level services every connection uses; `serve` runs their tasks.
+    timers: TimerService = attrs.field(factory=TimerService, kw_only=True)
+    coalescer: WriteCoalescer = attrs.field(factory=WriteCoalescer, kw_only=True)
     log = get_logger("apix.server")
 
     def __attrs_post_init__(self) -> None:

@@ -11,12 +11,18 @@ instead of tripping the slow-consumer close; they wait for room within a
 `share` of the limits (half), so live events of the connection's other
 subscriptions still find the rest free while a long replay runs.
 
-One writer task drains the queue with `get_batch`, which waits for at least
-one frame and then takes every queued frame up to a byte budget, so a burst
-of events costs one `send_all` instead of one per frame.
+The connection drains the queue with `take_batch`, which takes every queued
+frame up to a byte budget at once, so a burst of events costs one socket
+write instead of one per frame: the node's write coalescer
+(`gateway/coalesce.py`) for a socket that takes the data, else a writer task
+the connection starts only while something is waiting to be written.
+`push_front` puts back what a short write left over, ahead of everything
+else. `put_control` queues a control frame (ping, pong) outside the limits:
+a few bytes that must keep their place between data frames.
 
-A deque plus a parking lot is used rather than a trio memory channel because
-the queue must account bytes as well as items and hand out whole batches.
+A deque is used rather than a trio memory channel because the queue must
+account bytes as well as items and hand out whole batches; the parking lot
+for waiters is made only when somebody waits (most outboxes never see one).
 """
 
 from __future__ import annotations
@@ -58,6 +64,18 @@ class Queued(NamedTuple):
 class Outbox:
     """Bounded (items and bytes) FIFO of frames for one connection."""
 
+    __slots__ = (
+        "_bytes",
+        "_closed",
+        "_high_bytes",
+        "_high_items",
+        "_queue",
+        "_room",
+        "_sealed",
+        "max_bytes",
+        "max_items",
+    )
+
     def __init__(self, max_items: int, max_bytes: int) -> None:
         self.max_items = max_items
         self.max_bytes = max_bytes
@@ -65,10 +83,18 @@ class Outbox:
         self._bytes = 0
         self._high_items = 0
         self._high_bytes = 0
-        self._readers = trio.lowlevel.ParkingLot()
-        self._room = trio.lowlevel.ParkingLot()
+        self._room: trio.lowlevel.ParkingLot | None = None
         self._closed = False
         self._sealed = False
+
+    def _room_lot(self) -> trio.lowlevel.ParkingLot:
+        if self._room is None:
+            self._room = trio.lowlevel.ParkingLot()
+        return self._room
+
+    def _wake_room(self) -> None:
+        if self._room is not None:
+            self._room.unpark_all()
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -111,45 +137,63 @@ class Outbox:
             self._high_items = queued + 1
         if self._bytes > self._high_bytes:
             self._high_bytes = self._bytes
-        if not queued:
-            # The writer parks only on an empty queue.
-            self._readers.unpark()
         return True
+
+    def put_control(self, frame: bytes) -> None:
+        """Queue a control frame (ping, pong) whatever the limits; dropped
+        once closed."""
+        if self._closed:
+            return
+        self._queue.append(Queued(frame))
+        self._bytes += len(frame)
 
     async def wait_room(self, size: int = 0, *, share: float = 1.0) -> None:
         """Wait until a frame of `size` bytes fits within `share` of the limits."""
         while not self.has_room(size, share=share) and not self._closed:
-            await self._room.park()
+            await self._room_lot().park()
 
-    async def get_batch(self, max_bytes: int = 256 * 1024) -> list[Queued]:
-        """Wait for at least one frame, then take frames up to `max_bytes`."""
-        while not self._queue:
-            await self._readers.park()
-        batch = [self._queue.popleft()]
-        taken = len(batch[0].frame)
-        while self._queue and taken + len(self._queue[0].frame) <= max_bytes:
-            item = self._queue.popleft()
+    def take_batch(self, max_bytes: int = 256 * 1024) -> list[Queued]:
+        """Take queued frames up to `max_bytes` (at least one, if any)."""
+        queue = self._queue
+        if not queue:
+            return []
+        first = queue.popleft()
+        batch = [first]
+        taken = len(first.frame)
+        while queue and taken + len(queue[0].frame) <= max_bytes:
+            item = queue.popleft()
             taken += len(item.frame)
             batch.append(item)
         self._bytes -= taken
-        self._room.unpark_all()
+        self._wake_room()
         return batch
+
+    def push_front(self, items: list[Queued]) -> None:
+        """Put back what a short write left over, ahead of everything queued."""
+        if self._closed:
+            return
+        self._queue.extendleft(reversed(items))
+        self._bytes += sum(len(item.frame) for item in items)
 
     def seal(self) -> None:
         """Refuse (silently drop) new frames; what is queued can still drain."""
         self._sealed = True
 
     async def wait_empty(self) -> None:
-        """Wait until the writer has taken every queued frame."""
+        """Wait until every queued frame has been taken for writing."""
         while self._queue and not self._closed:
-            await self._room.park()
+            await self._room_lot().park()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         """Drop everything queued and wake every waiter (synchronous)."""
         self._closed = True
         self._queue.clear()
         self._bytes = 0
-        self._room.unpark_all()
+        self._wake_room()
 
     def statistics(self) -> OutboxStatistics:
         return OutboxStatistics(

@@ -2,22 +2,32 @@
 
 Theory of operation
 -------------------
-wsproto does the handshake and parses incoming frames; data frames going out
-are built once per message by `apix_trio.protocol.wire` and written as raw bytes, so
-an event's frame bytes are shared by every subscriber.
+The upgrade request is read and answered here with `gateway/upgrade.py` (no
+h11); after the upgrade only wsproto's frame layer (`wsproto.connection.
+Connection`) is kept, to parse incoming frames and build control frames.
+Data frames going out are built once per message by `apix_trio.protocol.wire`
+and written as raw bytes, so an event's frame bytes are shared by every
+subscriber.
 
-Every write to the socket (data batches, pongs, pings, close frames) goes
-through one lock and runs shielded under its own deadline (`send_timeout`):
-a write is never cut in half by cancellation (which would corrupt the
-framing), and a peer that stops reading cannot hold a write forever. A write
-that misses its deadline marks the socket broken and raises
-`trio.BrokenResourceError`; so does every later write, including one that
-was already waiting for the lock. `set_deadline` caps the deadline of the
-write in flight and of every later one (graceful shutdown: nothing may
-outlive the grace period, not even a shielded write to a peer that stopped
-reading).
+Two ways to write:
 
-`next_message` is the only reader. It answers pings itself, reports pongs
+- `try_send_nowait`: one non-blocking `send` on the socket, no task switch,
+  for the connection's coalesced writes; it writes nothing while an awaited
+  write holds the socket, after our close frame, or on a stream that is not
+  a plain socket (TLS, tests' memory streams).
+- awaited writes (`send_raw_frames`, the handshake answer, the close frame)
+  go through one lock and run shielded under their own deadline
+  (`send_timeout`): a write is never cut in half by cancellation (which
+  would corrupt the framing), and a peer that stops reading cannot hold a
+  write forever. A write that misses its deadline marks the socket broken
+  and raises `trio.BrokenResourceError`; so does every later write,
+  including one that was already waiting for the lock. `set_deadline` caps
+  the deadline of the write in flight and of every later one (graceful
+  shutdown: nothing may outlive the grace period, not even a shielded write
+  to a peer that stopped reading).
+
+`next_message` is the only reader. It hands pongs to send to `send_control`
+(the connection queues them in order with its data frames), reports pongs
 through `on_pong`, reassembles fragmented text messages up to
 `max_message_bytes`, and turns protocol violations into `ProtocolClose`
 carrying the close code the caller must send.
@@ -30,22 +40,26 @@ import os
 from collections.abc import Callable, Iterator
 
 import trio
-from wsproto import ConnectionType, WSConnection
+from wsproto import ConnectionType
+from wsproto.connection import Connection as FrameConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
-    AcceptConnection,
     BytesMessage,
     CloseConnection,
     Event,
     Ping,
     Pong,
-    RejectConnection,
-    RejectData,
-    Request,
     TextMessage,
 )
-from wsproto.utilities import RemoteProtocolError
 
+from apix_trio.gateway.upgrade import (
+    BadUpgrade,
+    UpgradeRequest,
+    accept_response,
+    error_response,
+    head_end,
+    parse_upgrade,
+)
 from apix_trio.protocol.codes import CloseCode
 
 RECEIVE_SIZE = 65536
@@ -61,20 +75,49 @@ class ProtocolClose(Exception):
 
 
 class PeerClosed(Exception):
-    """The peer closed (close frame answered) or the stream ended."""
+    """The peer closed (close frame answered) or the stream ended.
 
-    def __init__(self, code: int | None, reason: str = "") -> None:
+    `answered`: our close frame was handed to `send_control` (queued behind
+    earlier frames), not written; the caller must flush the queue.
+    """
+
+    def __init__(self, code: int | None, reason: str = "", *, answered: bool = False) -> None:
         super().__init__(f"peer closed ({code})")
         self.code = code
         self.reason = reason
+        self.answered = answered
 
 
 class HandshakeFailed(Exception):
     """The bytes before the upgrade were not a usable WebSocket handshake."""
 
 
+def _no_pong(payload: bytes) -> None:
+    return None
+
+
 class ServerWebSocket:
     """One server-side WebSocket. See the module docstring."""
+
+    __slots__ = (
+        "_broken",
+        "_deadline",
+        "_events",
+        "_fd",
+        "_parts",
+        "_send_lock",
+        "_size",
+        "_trailing",
+        "_write_scope",
+        "_ws",
+        "accepted",
+        "close_sent",
+        "max_message_bytes",
+        "on_pong",
+        "send_control",
+        "send_timeout",
+        "stream",
+    )
 
     def __init__(
         self,
@@ -86,8 +129,11 @@ class ServerWebSocket:
         self.stream = stream
         self.max_message_bytes = max_message_bytes
         self.send_timeout = send_timeout
-        self.on_pong: Callable[[bytes], None] = lambda payload: None
-        self._ws = WSConnection(ConnectionType.SERVER)
+        self.on_pong: Callable[[bytes], None] = _no_pong
+        # Where pongs go; None: written at once (awaited).
+        self.send_control: Callable[[bytes], None] | None = None
+        self._ws: FrameConnection | None = None
+        self._trailing = b""
         self._send_lock = trio.StrictFIFOLock()
         self._events: Iterator[Event] = iter(())
         self._parts: list[str] = []
@@ -97,19 +143,21 @@ class ServerWebSocket:
         self._write_scope: trio.CancelScope | None = None
         self.close_sent = False
         self.accepted = False
-        # The socket's descriptor for `try_send_nowait` (None: not a socket
-        # stream, e.g. trio's in-memory streams in tests, or closed).
-        sock = getattr(stream, "socket", None)
-        self._fd: int | None = sock.fileno() if sock is not None else None
+        # The socket's descriptor for `try_send_nowait`: only a plain TCP
+        # socket stream (not TLS, not trio's in-memory streams in tests).
+        self._fd: int | None = (
+            stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+        )
 
     # -- handshake -----------------------------------------------------------
 
-    async def read_request(self) -> Request:
+    async def read_request(self) -> UpgradeRequest:
         """Read until the upgrade request arrives (caller bounds the time).
 
         Raises HandshakeFailed when the bytes are not a WebSocket upgrade (a
         400 has already been answered) or the peer hung up.
         """
+        buffer = b""
         while True:
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -117,43 +165,36 @@ class ServerWebSocket:
                 raise HandshakeFailed("connection lost during handshake") from exc
             if not data:
                 raise HandshakeFailed("connection closed during handshake")
+            buffer += data
             try:
-                self._ws.receive_data(bytes(data))
-                for event in self._ws.events():
-                    if isinstance(event, Request):
-                        return event
-            except RemoteProtocolError as exc:
-                await self._send_http_error(400, "not a WebSocket upgrade request\n")
+                end = head_end(buffer)
+                if end < 0:
+                    continue
+                request = parse_upgrade(buffer[:end])
+            except BadUpgrade as exc:
+                await self._send_http_error(exc.status, f"not a WebSocket upgrade: {exc}\n")
                 raise HandshakeFailed(str(exc)) from exc
+            # Frames a client sent right behind its request, without waiting.
+            self._trailing = buffer[end:]
+            return request
 
-    async def accept(self, subprotocol: str | None) -> None:
-        await self._send(self._ws.send(AcceptConnection(subprotocol=subprotocol)))
+    async def accept(self, request: UpgradeRequest, subprotocol: str | None) -> None:
+        """Answer 101 and switch to WebSocket frames."""
+        self._ws = FrameConnection(ConnectionType.SERVER)
+        await self._send(accept_response(request.key, subprotocol))
         self.accepted = True
+        if self._trailing:
+            self._ws.receive_data(self._trailing)
+            self._events = self._ws.events()
+            self._trailing = b""
 
     async def reject(self, status: int, body: str) -> None:
         """Answer the upgrade with an HTTP error; no WebSocket opens."""
-        payload = body.encode()
-        data = self._ws.send(
-            RejectConnection(
-                status_code=status,
-                headers=[
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-                has_body=True,
-            )
-        )
-        data += self._ws.send(RejectData(data=payload, body_finished=True))
-        await self._send(data)
+        await self._send(error_response(status, body))
 
     async def _send_http_error(self, status: int, body: str) -> None:
-        payload = body.encode()
-        head = (
-            f"HTTP/1.1 {status} Bad Request\r\ncontent-type: text/plain\r\n"
-            f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n"
-        ).encode()
         try:
-            await self._send(head + payload)
+            await self._send(error_response(status, body))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
@@ -162,6 +203,25 @@ class ServerWebSocket:
     async def _send(self, data: bytes) -> None:
         if self._broken:
             raise trio.BrokenResourceError("socket write timed out earlier")
+        fd = self._fd
+        if fd is not None and not self._send_lock.locked():
+            # Small writes (the 101, a close frame) nearly always fit in the
+            # socket buffer: no lock, no cancel scope, no task switch.
+            try:
+                written = os.write(fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
+            if written == len(data):
+                return
+            if written:  # the rest must follow, cancelled or not: shielded
+                with trio.CancelScope(shield=True):
+                    await self._send_locked(data[written:])
+                return
+        await self._send_locked(data)
+
+    async def _send_locked(self, data: bytes) -> None:
         async with self._send_lock:
             # The write we queued behind may have timed out meanwhile: do not
             # wait out a second send_timeout on the same dead peer.
@@ -188,6 +248,11 @@ class ServerWebSocket:
         if self._write_scope is not None:
             self._write_scope.deadline = min(self._write_scope.deadline, deadline)
 
+    @property
+    def can_send_nowait(self) -> bool:
+        """Whether `try_send_nowait` can write at all on this stream."""
+        return self._fd is not None
+
     def try_send_nowait(self, data: bytes) -> int:
         """Write what the socket takes right now, without a task switch.
 
@@ -212,21 +277,28 @@ class ServerWebSocket:
             return 0
 
     async def send_raw_frames(self, data: bytes) -> None:
-        """Write ready-made data frames (from `apix_trio.protocol.wire`)."""
+        """Write ready-made frames (from `apix_trio.protocol.wire`, or control frames)."""
         await self._send(data)
 
+    def ping_frame(self, payload: bytes) -> bytes:
+        """The bytes of a ping frame (to queue in order with data frames)."""
+        assert self._ws is not None
+        return self._ws.send(Ping(payload=payload))
+
     async def send_ping(self, payload: bytes) -> None:
-        await self._send(self._ws.send(Ping(payload=payload)))
+        await self._send(self.ping_frame(payload))
 
     async def send_close(self, code: int, reason: str = "") -> None:
         """Send our close frame once; later calls do nothing."""
-        if self.close_sent or self._ws.state not in (
-            ConnectionState.OPEN,
-            ConnectionState.REMOTE_CLOSING,
+        ws = self._ws
+        if (
+            ws is None
+            or self.close_sent
+            or ws.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)
         ):
             return
         self.close_sent = True
-        await self._send(self._ws.send(CloseConnection(code=code, reason=reason)))
+        await self._send(ws.send(CloseConnection(code=code, reason=reason)))
 
     # -- receiving -----------------------------------------------------------
 
@@ -236,9 +308,11 @@ class ServerWebSocket:
         Raises ProtocolClose (binary frame 1003, too large 1009, malformed
         frames 1002/1007), PeerClosed (close frame or end of stream).
         """
+        ws = self._ws
+        assert ws is not None, "not accepted"
         while True:
             for event in self._events:
-                message = await self._handle(event)
+                message = await self._handle(ws, event)
                 if message is not None:
                     return message
             try:
@@ -247,16 +321,19 @@ class ServerWebSocket:
                 raise PeerClosed(None, "connection lost") from exc
             if not data:
                 raise PeerClosed(None, "end of stream")
-            self._ws.receive_data(bytes(data))
+            ws.receive_data(bytes(data))
             # Lazily: wsproto updates its state frame by frame, so pings before
             # a close frame in the same read are still answered (RFC 6455 5.5.2).
-            self._events = self._ws.events()
+            self._events = ws.events()
 
-    async def _handle(self, event: Event) -> str | None:
+    async def _handle(self, ws: FrameConnection, event: Event) -> str | None:
         if isinstance(event, TextMessage):
             self._size += len(event.data.encode()) if not event.data.isascii() else len(event.data)
             if self._size > self.max_message_bytes:
                 raise ProtocolClose(CloseCode.MESSAGE_TOO_BIG, "message too large")
+            if event.message_finished and not self._parts:
+                self._size = 0
+                return event.data
             self._parts.append(event.data)
             if not event.message_finished:
                 return None
@@ -267,21 +344,31 @@ class ServerWebSocket:
         if isinstance(event, BytesMessage):
             raise ProtocolClose(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
         if isinstance(event, Ping):
-            if self._ws.state is ConnectionState.OPEN:
-                await self._send(self._ws.send(event.response()))
+            if ws.state is ConnectionState.OPEN:
+                pong = ws.send(event.response())
+                if self.send_control is not None:
+                    self.send_control(pong)
+                else:
+                    await self._send(pong)
             return None
         if isinstance(event, Pong):
             self.on_pong(bytes(event.payload))
             return None
         if isinstance(event, CloseConnection):
-            if self._ws.state is ConnectionState.REMOTE_CLOSING:
+            if ws.state is ConnectionState.REMOTE_CLOSING:
+                response = ws.send(event.response())
+                if self.send_control is not None:
+                    # Behind the pongs and frames already queued; the caller
+                    # flushes them (`answered`) and queues nothing after.
+                    self.send_control(response)
+                    raise PeerClosed(event.code, event.reason or "", answered=True)
                 self.close_sent = True
                 try:
-                    await self._send(self._ws.send(event.response()))
+                    await self._send(response)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
                 raise PeerClosed(event.code, event.reason or "")
-            if self._ws.state is ConnectionState.CLOSED:
+            if ws.state is ConnectionState.CLOSED:
                 raise PeerClosed(event.code, event.reason or "")
             # wsproto reports a framing error as a CloseConnection while OPEN.
             raise ProtocolClose(event.code, event.reason or "protocol error")

@@ -78,6 +78,37 @@ typedef struct {
 /* ---- configuration ---- */
 static int mode = MODE_FANOUT, proto = PROTO_APIX, port = 0, header_auth = 0;
 static const char *path = "/ws", *token = "";
+/* --tokens-file: one token per line; every new connection takes the next one
+ * (round robin), so the server verifies a distinct signature per connection. */
+static char **tokens = NULL;
+static long ntokens = 0, next_token = 0;
+
+static const char *take_token(void) {
+    if (ntokens == 0) return token;
+    const char *t = tokens[next_token];
+    next_token = (next_token + 1) % ntokens;
+    return t;
+}
+
+static int load_tokens(const char *file) {
+    FILE *f = fopen(file, "r");
+    if (!f) return -1;
+    size_t cap = 1024;
+    tokens = malloc(cap * sizeof *tokens);
+    char line[4096];
+    while (fgets(line, sizeof line, f)) {
+        size_t len = strcspn(line, "\r\n");
+        if (len == 0) continue;
+        line[len] = 0;
+        if ((size_t)ntokens == cap) {
+            cap *= 2;
+            tokens = realloc(tokens, cap * sizeof *tokens);
+        }
+        tokens[ntokens++] = strdup(line);
+    }
+    fclose(f);
+    return ntokens > 0 ? 0 : -1;
+}
 static char *phases = NULL;
 static long nconns = 10, concurrency = 100, window = 2;
 static double rate = 0, warmup = 1, duration = 3, hold = 5, total_timeout = 120;
@@ -336,7 +367,7 @@ static void send_handshake(conn_t *c) {
                      "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                      "Sec-WebSocket-Version: 13\r\nAuthorization: Bearer %s\r\n\r\n",
-                     path, port, token);
+                     path, port, take_token());
     else
         n = snprintf(buf, sizeof buf,
                      "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
@@ -451,7 +482,7 @@ static void on_open(conn_t *c) {
             return;
         }
         char buf[4096];
-        snprintf(buf, sizeof buf, "{\"op\":\"auth\",\"id\":1,\"token\":\"%s\"}", token);
+        snprintf(buf, sizeof buf, "{\"op\":\"auth\",\"id\":1,\"token\":\"%s\"}", take_token());
         c->state = ST_AUTH;
         send_text(c, buf);
         return;
@@ -693,6 +724,7 @@ static void open_more(long total, int role_first, int role_rest) {
 static void usage(void) {
     fprintf(stderr,
             "usage: loadgen fanout|idle|connrate --port P [--proto apix|plain] [--token T]\n"
+            "  [--tokens-file F (one token per line, a new one per connection)]\n"
             "  [--header-auth] [--path /ws] [--conns N] [--concurrency C] [--window W]\n"
             "  [--rate R] [--phases r5:6,w2,w32] [--payload B] [--warmup S] [--duration S] [--hold S]\n"
             "  [--timeout S] [--server-pid PID]\n");
@@ -729,6 +761,12 @@ int main(int argc, char **argv) {
         else if (OPT("--port")) port = atoi(v);
         else if (OPT("--proto")) proto = !strcmp(v, "apix") ? PROTO_APIX : PROTO_PLAIN;
         else if (OPT("--token")) token = v;
+        else if (OPT("--tokens-file")) {
+            if (load_tokens(v) < 0) {
+                fprintf(stderr, "loadgen: cannot read tokens from %s\n", v);
+                return 2;
+            }
+        }
         else if (OPT("--path")) path = v;
         else if (OPT("--conns")) nconns = atol(v);
         else if (OPT("--concurrency")) concurrency = atol(v);
