@@ -27,6 +27,7 @@ skipped (its outbox is closed).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -45,9 +46,11 @@ class Flushable(Protocol):
 class WriteCoalescer:
     """See the module docstring. One per node (`Hub.coalescer`)."""
 
-    __slots__ = ("_ready", "_wakeup", "added", "flushes")
+    __slots__ = ("_ready", "_wakeup", "added", "after_flush", "flushes")
 
     def __init__(self) -> None:
+        self.after_flush: Callable[[], None] | None = None
+        """Called after each flush (the hub commits its `DeliveryTally`)."""
         self._ready: list[Flushable] = []
         self._wakeup = trio.lowlevel.ParkingLot()
         self.added = 0
@@ -87,3 +90,5 @@ class WriteCoalescer:
                 conn.flush_ready()
             except Exception:
                 log.exception("flush_failed")
+        if self.after_flush is not None:
+            self.after_flush()

@@ -304,21 +304,18 @@ class Connection:
         self._start_writer()
 
     def _account(self, batch: list[Queued]) -> None:
-        """Latency and delivery metrics, session positions: frames are on the wire."""
-        metrics = self.hub.metrics
-        latency = metrics.latency
-        org_latency = self.hub.latency
-        now_ms = self.hub.wall() * 1000
-        events = 0
+        """Frames are on the wire: count the events for the hub's tally (its
+        `commit` observes latency and delivery metrics) and move the session
+        positions."""
+        counts = self.hub.tally.counts
+        org = self.identity.org if self.identity is not None else ""
         for item in batch:
-            if item.event_ts is not None:
-                latency.observe(now_ms - item.event_ts)
-                org_latency.delivered(self.org, item.event_ts, now_ms)
-                events += 1
+            event_ts = item.event_ts
+            if event_ts is not None:
+                key = (org, event_ts)
+                counts[key] = counts.get(key, 0) + 1
             if item.tracker is not None and item.event_id is not None:
                 item.tracker.sent_id = item.event_id
-        if events:
-            metrics.delivered.inc(events)
 
     def _slow_consumer(self) -> None:
         if not self._closing:
@@ -565,6 +562,7 @@ class Connection:
                 while batch := outbox.take_batch():
                     await self.ws.send_raw_frames(b"".join(item.frame for item in batch))
                     self._account(batch)
+                    self.hub.tally.commit()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.request_close(1006, "connection lost", flush=False)
         finally:

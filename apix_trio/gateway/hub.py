@@ -25,6 +25,7 @@ from apix_trio.gateway.control import CONTROL_CHANNEL, ControlChannel
 from apix_trio.gateway.directory import DirectoryKeeper
 from apix_trio.gateway.registry import ConnectionRegistry
 from apix_trio.gateway.slots import ConnectionSlots
+from apix_trio.gateway.tally import DeliveryTally
 from apix_trio.gateway.timers import TimerService
 from apix_trio.observability.audit import AuditRecord, AuditTrail, AuditWriter
 from apix_trio.observability.latency import LatencyStore, LatencyTracker
@@ -69,6 +70,7 @@ class Hub:
     audit: AuditTrail = attrs.field(default=None, kw_only=True)
     latency: LatencyTracker = attrs.field(default=None, kw_only=True)
     canary: DeliveryCanary = attrs.field(default=None, kw_only=True)
+    tally: DeliveryTally = attrs.field(default=None, kw_only=True)
     # Node-level services every connection uses; `serve` runs their tasks.
     timers: TimerService = attrs.field(factory=TimerService, kw_only=True)
     coalescer: WriteCoalescer = attrs.field(factory=WriteCoalescer, kw_only=True)
@@ -106,7 +108,7 @@ class Hub:
         self._add_observers()
 
     def _add_observers(self) -> None:
-        """The audit writer, the latency tracker and the delivery canary."""
+        """The audit writer, the latency tracker, the delivery tally and the canary."""
         node = self.settings.server.node_id
         if self.audit is None:
             self.audit = AuditTrail(
@@ -122,6 +124,9 @@ class Hub:
                 store=_latency_store(self.broker),
                 registry=self.metrics.registry,
             )
+        if self.tally is None:
+            self.tally = DeliveryTally(self.metrics, self.latency, self.wall_clock)
+        self.coalescer.after_flush = self.tally.commit
         if self.canary is None:
             self.canary = DeliveryCanary(
                 self.broker, self.router, node, self.settings.heartbeat.interval

@@ -44,6 +44,8 @@ reads as a counter reset. The buckets are the node-wide histogram's
 
 Cost on the hot path: one dict lookup, a few integer operations and two dict
 increments per observation; no allocation unless a new slot or org starts.
+Deliveries arrive pre-counted (`gateway/tally.py`): one observation with a
+weight per (org, event) per flush, not one per connection.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ class Sketch:
         self.sum = 0.0
         self.max = 0.0
 
-    def add(self, value_ms: float) -> None:
+    def add(self, value_ms: float, times: int = 1) -> None:
+        """`times` observations of `value_ms`."""
         us = int(value_ms * 1000)
         if us < _LINEAR_LIMIT:
             index = us if us > 0 else 0
@@ -122,9 +125,9 @@ class Sketch:
             shift = us.bit_length() - (_SUB_BITS + 1)
             index = (shift << _SUB_BITS) + (us >> shift)
         counts = self.counts
-        counts[index] = counts.get(index, 0) + 1
-        self.count += 1
-        self.sum += value_ms
+        counts[index] = counts.get(index, 0) + times
+        self.count += times
+        self.sum += value_ms * times
         if value_ms > self.max:
             self.max = value_ms
 
@@ -274,11 +277,14 @@ class LatencyTracker:
 
     # -- observing (hot path: synchronous, never awaits) ---------------------------
 
-    def delivered(self, org: str, event_ts: float, now_ms: float | None = None) -> None:
-        """An event of `org` stamped `event_ts` (ms) went to a socket at `now_ms`."""
+    def delivered(
+        self, org: str, event_ts: float, now_ms: float | None = None, times: int = 1
+    ) -> None:
+        """`times` frames of an event of `org` stamped `event_ts` (ms) went to
+        sockets at `now_ms`."""
         if now_ms is None:
             now_ms = self._wall_clock() * 1000
-        self._org(org, now_ms).slot_at(now_ms).deliver.add(now_ms - event_ts)
+        self._org(org, now_ms).slot_at(now_ms).deliver.add(now_ms - event_ts, times)
 
     def acked(self, org: str, latency_ms: float, now_ms: float | None = None) -> None:
         """A publish of `org` was answered `latency_ms` after it arrived."""

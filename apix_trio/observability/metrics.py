@@ -1,7 +1,8 @@
 """Server metrics: Prometheus counters and gauges, plus a cheap latency histogram.
 
-The publish->deliver histogram is observed once per delivered event, on the
-hot path, so it is a plain bucket array (bisect + one increment) exported
+The publish->deliver histogram is observed on the hot path (once per distinct
+latency per flush, `gateway/tally.py`), so it is a plain bucket array (bisect
++ one increment) exported
 through a custom collector instead of a prometheus_client Histogram with its
 per-observation locking.
 """
@@ -27,10 +28,11 @@ class LatencyHistogram:
         self.total = 0.0
         self.count = 0
 
-    def observe(self, value_ms: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value_ms)] += 1
-        self.total += value_ms
-        self.count += 1
+    def observe(self, value_ms: float, times: int = 1) -> None:
+        """`times` observations of `value_ms` (one bisect however many)."""
+        self.counts[bisect.bisect_left(self.bounds, value_ms)] += times
+        self.total += value_ms * times
+        self.count += times
 
     def quantile(self, q: float) -> float:
         """Upper bound of the bucket holding quantile `q` (inf past the last)."""
