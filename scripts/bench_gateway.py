@@ -785,35 +785,93 @@ def table(agg: dict[str, Any], bench: Bench) -> str:
     return head + "".join(f"| {name} | " + " | ".join(cells) + " |\n" for name, cells in rows)
 
 
+def _median(agg: dict[str, Any], target: str, key: str) -> float | None:
+    value = agg.get(target, {}).get(key)
+    return value["median"] if value and value.get("median") else None
+
+
+def _ratio_line(
+    what: str,
+    mine: float | None,
+    theirs: float | None,
+    target: float,
+    peer: str,
+    *,
+    lower_is_better: bool = False,
+) -> str | None:
+    """`what: <ratio>x <peer> (target ...: MET|MISSED)`, or None when a side is missing."""
+    if mine is None or theirs is None:
+        return None
+    ratio = mine / theirs
+    met = ratio <= target if lower_is_better else ratio >= target
+    sign = "<=" if lower_is_better else ">="
+    return f"{what}: {ratio:.2f}x {peer} (target {sign} {target:g}x: {'MET' if met else 'MISSED'})"
+
+
 def verdicts(agg: dict[str, Any], bench: Bench) -> list[str]:
-    out = []
-    a = agg.get("apix")
-    if not a:
-        return out
+    """Issue 12's targets, as ratios against the peers measured in the same run:
+    events/s at the largest N >= 1.2x Node `ws` at 2 in flight and >= 2x at 32;
+    p99 at N x 5/s <= Node `ws`'s; RSS per idle connection <= 1.0x
+    `websockets` (stretch: <= Node `ws`); new connections/s with RS256 >=
+    0.6x `websockets` (which authenticates nothing)."""
+    if "apix" not in agg:
+        return []
     n = bench.fanout_ns[-1]
-    for peer in ("websockets", "node-ws"):
-        if peer not in agg:
-            continue
-        for w in bench.windows:
-            for key, what in ((f"thr_{n}_{w}", "events/s"), (f"thr_cpu_{n}_{w}", "events/CPU-s")):
-                mine, theirs = a[key], agg[peer][key]
-                if mine and theirs and theirs["median"]:
-                    ratio = mine["median"] / theirs["median"]
-                    out.append(
-                        f"throughput N={n} W={w} ({what}) vs {peer}: {ratio:.2f}x "
-                        f"(target >= 2x: {'MET' if ratio >= 2 else 'MISSED'})"
-                    )
-    if a["lat_p50_ms"] and a["lat_p99_ms"]:
-        p50, p99 = a["lat_p50_ms"]["median"], a["lat_p99_ms"]["median"]
-        out.append(f"latency p50 {p50:.1f} ms (target <= 10: {'MET' if p50 <= 10 else 'MISSED'})")
-        out.append(f"latency p99 {p99:.1f} ms (target <= 25: {'MET' if p99 <= 25 else 'MISSED'})")
-    if a["kib_per_conn"]:
-        k = a["kib_per_conn"]["median"]
-        out.append(f"RSS/idle conn {k:.1f} KiB (target <= 20: {'MET' if k <= 20 else 'MISSED'})")
-    if a["conns_per_s"]:
-        c = a["conns_per_s"]["median"]
-        out.append(f"connections/s {c:.0f} (target >= 2000: {'MET' if c >= 2000 else 'MISSED'})")
-    return out
+    wanted = {2: 1.2, 32: 2.0}
+    lines = []
+    for w in bench.windows:
+        key = f"thr_{n}_{w}"
+        lines.append(
+            _ratio_line(
+                f"events/s N={n} W={w}",
+                _median(agg, "apix", key),
+                _median(agg, "node-ws", key),
+                wanted.get(w, 1.0),
+                "node-ws",
+            )
+        )
+        cpu_key = f"thr_cpu_{n}_{w}"
+        lines.append(
+            _ratio_line(
+                f"events/CPU-s N={n} W={w} (information)",
+                _median(agg, "apix", cpu_key),
+                _median(agg, "node-ws", cpu_key),
+                wanted.get(w, 1.0),
+                "node-ws",
+            )
+        )
+    lines.append(
+        _ratio_line(
+            f"p99 N={n} x 5/s",
+            _median(agg, "apix", "lat_p99_ms"),
+            _median(agg, "node-ws", "lat_p99_ms"),
+            1.0,
+            "node-ws",
+            lower_is_better=True,
+        )
+    )
+    for peer, target in (("websockets", 1.0), ("node-ws", 1.0)):
+        label = "RSS/idle conn" + (" (stretch)" if peer == "node-ws" else "")
+        lines.append(
+            _ratio_line(
+                label,
+                _median(agg, "apix", "kib_per_conn"),
+                _median(agg, peer, "kib_per_conn"),
+                target,
+                peer,
+                lower_is_better=True,
+            )
+        )
+    lines.append(
+        _ratio_line(
+            "new connections/s (apix RS256)",
+            _median(agg, "apix", "conns_per_s"),
+            _median(agg, "websockets", "conns_per_s"),
+            0.6,
+            "websockets",
+        )
+    )
+    return [line for line in lines if line is not None]
 
 
 def machine() -> dict[str, Any]:
