@@ -114,7 +114,7 @@ def test_valid_token_gives_identity(keys: dict[str, Pair]) -> None:
         exp=int(NOW) + 3600,
         roles=("editor",),
         perms={"sub": ("chat.>",), "pub": ("user.{sub}",), "state": ()},
-        claims=identity.claims,
+        payload=identity.payload,
     )
     assert identity.claims["iat"] == int(NOW)
 

@@ -524,7 +524,7 @@ class Verifier:
         if not isinstance(claims, dict):
             raise AuthError(Reason.MALFORMED, "the token payload is not a JSON object")
         try:
-            return self._identity(claims, time.time() if now is None else now)
+            return self._identity(claims, payload, time.time() if now is None else now)
         except AuthError as exc:
             exc.attribute(claims)  # the signature is good: the org is the token's own
             raise
@@ -562,7 +562,7 @@ class Verifier:
                 return _b64decode(payload_segment)
         raise AuthError(Reason.BAD_SIGNATURE, "the token signature is not valid")
 
-    def _identity(self, claims: dict[str, Any], now: float) -> Identity:
+    def _identity(self, claims: dict[str, Any], payload: bytes, now: float) -> Identity:
         leeway = self._leeway
         exp = _time_claim(claims, "exp")
         if exp is None:
@@ -594,7 +594,7 @@ class Verifier:
         perms = _perms(claims.get("perms"))
         info = _info(claims.get("info"))
         return Identity(
-            org=org, sub=sub, exp=int(exp), roles=roles, perms=perms, claims=claims, info=info
+            org=org, sub=sub, exp=int(exp), roles=roles, perms=perms, payload=payload, info=info
         )
 
     def _check_issuer_audience(self, claims: Mapping[str, Any]) -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
 
 import trio
@@ -94,6 +95,26 @@ class HandshakeFailed(Exception):
 
 def _no_pong(payload: bytes) -> None:
     return None
+
+
+class _PendingEvents(list[Event]):
+    """What wsproto's frame connection keeps in a deque of its own: events it
+    made up itself, which only `receive_data(None)` (never called here)
+    produces. A list with `popleft` holds the same promise in 56 bytes
+    instead of an empty deque's 760, on every idle connection."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Event:
+        return self.pop(0)
+
+
+def _frame_connection() -> FrameConnection:
+    """wsproto's frame layer for a server socket, with `_PendingEvents`."""
+    connection = FrameConnection(ConnectionType.SERVER)
+    if isinstance(getattr(connection, "_events", None), deque):  # the wsproto we know
+        connection._events = _PendingEvents()  # type: ignore[assignment]
+    return connection
 
 
 class ServerWebSocket:
@@ -180,7 +201,7 @@ class ServerWebSocket:
 
     async def accept(self, request: UpgradeRequest, subprotocol: str | None) -> None:
         """Answer 101 and switch to WebSocket frames."""
-        self._ws = FrameConnection(ConnectionType.SERVER)
+        self._ws = _frame_connection()
         await self._send(accept_response(request.key, subprotocol))
         self.accepted = True
         if self._trailing:
