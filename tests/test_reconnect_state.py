@@ -176,9 +176,17 @@ class FakeControl:
         self.sent: list[tuple[str, dict[str, Any], Any]] = []
 
     async def __call__(
-        self, client: Client, op: str, *, wait: bool = True, on_reply: Any = None, **fields: Any
+        self,
+        client: Client,
+        op: str,
+        *,
+        wait: bool = True,
+        on_reply: Any = None,
+        retry_transient: bool = False,
+        **fields: Any,
     ) -> Frame:
         await trio.lowlevel.checkpoint()
+        self.retry_transient = retry_transient
         self.sent.append((op, fields, on_reply))
         return {}
 
@@ -201,6 +209,7 @@ async def test_a_push_that_skips_versions_gets_a_state_get_and_later_pushes_wait
     await subs.subscribe_on(client, "k")
     ((op, fields, on_reply),) = control.sent
     assert (op, fields) == ("state.subscribe", {"key": "k"})
+    assert control.retry_transient  # a transient refusal is retried, never dropped
     await on_reply({"id": 1, "ok": True, "result": {"value": {"a": 1}, "version": 3}})
     assert handed == [StateSnapshot("k", {"a": 1}, 3)]
 

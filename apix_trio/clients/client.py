@@ -44,7 +44,10 @@ import orjson
 import trio
 import trio_websocket
 
+from apix_trio.clients import pong_guard
 from apix_trio.protocol.codes import CloseCode
+
+pong_guard.install()  # no pong after our Close (trio-websocket issue #184)
 
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",

@@ -39,6 +39,11 @@ Group subscriptions are at-least-once by design (an event is redelivered
 until acked, with its `attempt`): their events are handed over as they come,
 never deduplicated.
 
+The wrapper's own control frames (subscribes, unsubscribes, restores) retry
+a transient refusal (`unavailable`, `rate_limited`) with the same backoff for
+as long as the connection lives, so a backend hiccup during a reconnect
+never drops a subscription; only a real refusal (`forbidden`, ...) does.
+
 The application's other calls (`publish`, `history`, `ack`, `call`, ...) wait
 for a live connection and make one attempt: one that fails with `ApixClosed`
 may or may not have reached the server (retry a publish with the same `key`
@@ -108,6 +113,10 @@ CONTROL_IDS = 1 << 52
 DEFAULT_BACKOFF_BASE = 0.5
 DEFAULT_BACKOFF_CAP = 30.0
 DEFAULT_BUFFER = 1024
+TRANSIENT_ERRORS = frozenset({"unavailable", "rate_limited"})
+"""Refusals that say "not now" (PROTOCOL.md: `unavailable` means retry later):
+the wrapper's own subscribes and unsubscribes retry them with backoff while
+the connection lives, instead of dropping the subscription."""
 
 
 class TokenUnavailable(ApixClientError):
@@ -126,7 +135,8 @@ class Resync:
 @attrs.frozen
 class SubscriptionFailed:
     """The server refused to restore a subscription on reconnect (e.g. the new
-    token lacks the permission): it is dropped, not retried."""
+    token lacks the permission): it is dropped, not retried. A transient
+    refusal (`TRANSIENT_ERRORS`) is retried instead and never reported here."""
 
     channel: str
     group: str | None
@@ -275,7 +285,10 @@ class ReconnectingClient(EventOps):
         the subscription is made on the next connection. `since` (plain
         channels) replays from that id first.
 
-        Error handling: a refusal raises `ApixError` and forgets the
+        A transient refusal (`unavailable`, `rate_limited`) is retried with
+        the wrapper's backoff while the connection lives.
+
+        Error handling: any other refusal raises `ApixError` and forgets the
         subscription.
         """
         key = (channel, group)
@@ -309,9 +322,10 @@ class ReconnectingClient(EventOps):
 
         Connected: subscribes at once and returns `{"value", "version"}`.
         Disconnected, or disconnected before the result came: returns None;
-        the subscription is made on the next connection.
+        the subscription is made on the next connection. A transient refusal
+        is retried with the wrapper's backoff while the connection lives.
 
-        Error handling: a refusal raises `ApixError` and forgets the key.
+        Error handling: any other refusal raises `ApixError` and forgets the key.
         """
         self._state.want(key)
         client = self._live
@@ -529,8 +543,10 @@ class ReconnectingClient(EventOps):
         key = (channel, group)
         error = entry.get("error")
         if error is not None:
-            self._forget(key)
             failed = ApixError.from_error(error)
+            if failed.code in TRANSIENT_ERRORS:
+                return None  # still wanted: `_reconcile` subscribes it again
+            self._forget(key)
             await self._send.send(SubscriptionFailed(channel, group, failed.code, failed.message))
             return None
         await self._note_subscribed(key, entry)
@@ -566,7 +582,14 @@ class ReconnectingClient(EventOps):
         """Subscribe what the server does not have, unsubscribe what it should not."""
         try:
             for channel, group in extra:
-                await self._control(client, "unsubscribe", channel=channel, **_given(group=group))
+                with contextlib.suppress(ApixError):  # gone already, or not ours to keep
+                    await self._control(
+                        client,
+                        "unsubscribe",
+                        retry_transient=True,
+                        channel=channel,
+                        **_given(group=group),
+                    )
             for key in missing:
                 if key not in self._wanted:
                     continue
@@ -591,7 +614,7 @@ class ReconnectingClient(EventOps):
                 await self._note_subscribed(key, frame["result"])
 
         return await self._control(
-            client, "subscribe", on_reply=on_reply, channel=channel, **fields
+            client, "subscribe", on_reply=on_reply, retry_transient=True, channel=channel, **fields
         )
 
     async def _control(
@@ -601,13 +624,44 @@ class ReconnectingClient(EventOps):
         *,
         wait: bool = True,
         on_reply: Callable[[Frame], Awaitable[None]] | None = None,
+        retry_transient: bool = False,
         **fields: Any,
     ) -> Frame:
         """Send a control frame; with `wait`, its result once the pump saw the reply.
 
+        With `retry_transient`, a `TRANSIENT_ERRORS` refusal is sent again
+        after the wrapper's backoff (at least the server's `retry_after`),
+        for as long as the connection lives.
+
         Error handling: `ApixError` for an error reply, `ApixClosed` when the
         connection ends first.
         """
+        attempt = 0
+        while True:
+            try:
+                return await self._control_once(client, op, wait, on_reply, fields)
+            except ApixError as exc:
+                if not retry_transient or exc.code not in TRANSIENT_ERRORS:
+                    raise
+                attempt += 1
+                self.last_error = exc
+                delay = retry_delay(
+                    attempt,
+                    base=self._backoff_base,
+                    factor=2.0,
+                    cap=self._backoff_cap,
+                    rng=self._rng,
+                )
+                await trio.sleep(max(delay, exc.retry_after or 0.0))
+
+    async def _control_once(
+        self,
+        client: Client,
+        op: str,
+        wait: bool,
+        on_reply: Callable[[Frame], Awaitable[None]] | None,
+        fields: Mapping[str, Any],
+    ) -> Frame:
         frame_id = next(self._ids)
         slot = _Slot(on_reply)
         self._slots[frame_id] = slot

@@ -29,6 +29,7 @@ dropped, with a `StateSubscriptionFailed` notice.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
@@ -51,7 +52,8 @@ class StateSnapshot:
 @attrs.frozen
 class StateSubscriptionFailed:
     """The server refused to restore the state subscription of `key` on a
-    reconnect: it is dropped, not retried."""
+    reconnect: it is dropped, not retried (a transient refusal such as
+    `unavailable` is retried instead, never reported here)."""
 
     key: str
     code: str
@@ -68,6 +70,7 @@ class Control(Protocol):
         *,
         wait: bool = True,
         on_reply: Callable[[Frame], Awaitable[None]] | None = None,
+        retry_transient: bool = False,
         **fields: Any,
     ) -> Awaitable[Frame]: ...
 
@@ -106,7 +109,11 @@ class StateSubscriptions:
     async def subscribe_on(self, client: Client, key: str) -> Frame:
         """`state.subscribe` on `client`; the reply is handled in stream order."""
         return await self._control(
-            client, "state.subscribe", on_reply=functools.partial(self._on_reply, key), key=key
+            client,
+            "state.subscribe",
+            on_reply=functools.partial(self._on_reply, key),
+            retry_transient=True,
+            key=key,
         )
 
     async def _on_reply(self, key: str, reply: Frame) -> None:
@@ -187,7 +194,8 @@ class StateSubscriptions:
     ) -> None:
         try:
             for key in extra:
-                await self._control(client, "state.unsubscribe", key=key)
+                with contextlib.suppress(ApixError):  # gone already, or not ours to keep
+                    await self._control(client, "state.unsubscribe", retry_transient=True, key=key)
             for key in missing:
                 if key not in self._copies:
                     continue
