@@ -31,6 +31,15 @@
  *             "READY n secs", holds --hold seconds answering pings, prints
  *             "HELD pings", then waits for a line (or EOF) on stdin (max 30 s)
  *             before closing, so the caller can read the server's RSS.
+ *   soak      --conns N subscribers + 1 publisher at --rate R publishes/s
+ *             for --duration seconds, then a drain of at most 15 s. Every
+ *             subscriber must see every sequence number once, in order:
+ *             gaps count as missed, repeats or going back as disordered; a
+ *             subscriber that is closed or disconnected counts as a close
+ *             (and what it had not received by then as missed). Prints "TICK secs
+ *             published acked delivered missed disordered closes ready pings"
+ *             every --report seconds (default 30), so the caller can sample
+ *             the server's RSS in step.
  *   connrate  keeps --concurrency connection set-ups going: connect,
  *             upgrade (apix: with the Bearer token, complete at the
  *             "connected" push, i.e. after RS256 verification), then reset;
@@ -59,7 +68,7 @@
 #include <unistd.h>
 
 enum { PROTO_APIX, PROTO_PLAIN };
-enum { MODE_FANOUT, MODE_IDLE, MODE_CONNRATE };
+enum { MODE_FANOUT, MODE_IDLE, MODE_CONNRATE, MODE_SOAK };
 enum { ROLE_SUB, ROLE_PUB, ROLE_IDLE, ROLE_CHURN };
 enum { ST_FREE, ST_CONNECTING, ST_HS, ST_AUTH, ST_CONNECTED_WAIT, ST_SUB, ST_READY, ST_DEAD };
 
@@ -68,6 +77,7 @@ typedef struct {
     int state;
     int role;
     int epout;
+    long expect; /* soak: the next sequence number this subscriber should see */
     char *in;
     size_t inlen, incap;
     char *out;
@@ -111,7 +121,7 @@ static int load_tokens(const char *file) {
 }
 static char *phases = NULL;
 static long nconns = 10, concurrency = 100, window = 2;
-static double rate = 0, warmup = 1, duration = 3, hold = 5, total_timeout = 120;
+static double rate = 0, warmup = 1, duration = 3, hold = 5, total_timeout = 120, report = 30;
 static int payload = 200, server_pid = 0;
 
 /* ---- state ---- */
@@ -121,6 +131,10 @@ static long nslots;
 static long opened, pending, ready, failed;
 static long server_closes, last_close_code = -1, pings;
 static char first_error[256];
+/* soak counters; the publisher and its next sequence number (defined below) */
+static long soak_missed, soak_disordered, soak_closes;
+static conn_t *publisher;
+static long next_seq;
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
 
 static uint64_t now_ns(void) {
@@ -253,6 +267,10 @@ static void conn_fail(conn_t *c, const char *why) {
         if (c->state != ST_FREE && c->state != ST_DEAD) pending--;
     } else {
         ready--;
+        if (mode == MODE_SOAK) {
+            soak_closes++;
+            if (c->role == ROLE_SUB && publisher) soak_missed += next_seq - c->expect;
+        }
     }
     conn_reset_close(c);
     c->state = ST_DEAD;
@@ -464,6 +482,19 @@ static long parse_long_after(const char *p, size_t n, const char *key, int *ok) 
     return v;
 }
 
+/* ---- soak bookkeeping ---- */
+
+static void soak_seen(conn_t *c, long seq) {
+    if (seq == c->expect) {
+        c->expect++;
+    } else if (seq > c->expect) {
+        soak_missed += seq - c->expect;
+        c->expect = seq + 1;
+    } else {
+        soak_disordered++;
+    }
+}
+
 /* ---- connection lifecycle ---- */
 static void connrate_done(conn_t *c);
 
@@ -541,6 +572,7 @@ static void on_text(conn_t *c, const char *p, size_t n) {
             long bt = parse_long_after(p, n, "\"bt\":", &ok);
             if (ok) sample_add(&lat, t / 1000 - (uint64_t)bt);
         }
+        if (mode == MODE_SOAK) soak_seen(c, seq);
         int slot = (int)(seq % RING);
         if (ring_seq[slot] == seq) {
             ring_count[slot]++;
@@ -723,12 +755,88 @@ static void open_more(long total, int role_first, int role_rest) {
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: loadgen fanout|idle|connrate --port P [--proto apix|plain] [--token T]\n"
+            "usage: loadgen fanout|idle|connrate|soak --port P [--proto apix|plain] [--token T]\n"
             "  [--tokens-file F (one token per line, a new one per connection)]\n"
             "  [--header-auth] [--path /ws] [--conns N] [--concurrency C] [--window W]\n"
             "  [--rate R] [--phases r5:6,w2,w32] [--payload B] [--warmup S] [--duration S] [--hold S]\n"
+            "  [--report S (soak)]\n"
             "  [--timeout S] [--server-pid PID]\n");
     exit(2);
+}
+
+static void print_common(double cpu_self, double cpu_server, double wall);
+
+static long subscribers_behind(void) {
+    long behind = 0;
+    for (long i = 1; i < nslots; i++)
+        if (conns[i].state == ST_READY && conns[i].expect < next_seq) behind++;
+    return behind;
+}
+
+static void print_tick(uint64_t since) {
+    printf("TICK %.1f %ld %ld %ld %ld %ld %ld %ld %ld\n", (now_ns() - since) / 1e9, next_seq, acks,
+           delivered_total, soak_missed, soak_disordered, soak_closes, ready - 1, pings);
+    fflush(stdout);
+}
+
+/* The soak run: publish at --rate for --duration, reporting every --report
+   seconds; drain (max 15 s); count what every live subscriber still lacks
+   as missed. Exit status 1 when anything was missed, disordered or closed. */
+static int soak(double setup_secs, uint64_t deadline) {
+    publisher = &conns[0];
+    printf("START %ld %.3f\n", ready - 1, setup_secs);
+    fflush(stdout);
+    uint64_t t0 = now_ns();
+    uint64_t end = t0 + (uint64_t)(duration * 1e9);
+    uint64_t interval = (uint64_t)(1e9 / (rate > 0 ? rate : 1));
+    uint64_t report_ns = (uint64_t)((report > 0 ? report : 30) * 1e9);
+    uint64_t next_pub = t0, next_report = t0 + report_ns;
+    win_start = t0;
+    win_end = UINT64_MAX;
+    double c0 = self_cpu(), s0 = proc_cpu(server_pid);
+    mark_waits();
+    while (now_ns() < end && now_ns() < deadline) {
+        uint64_t t = now_ns();
+        while (t >= next_pub && publisher->state == ST_READY) {
+            publish_one();
+            next_pub += interval;
+        }
+        if (t >= next_report) {
+            print_tick(t0);
+            next_report += report_ns;
+        }
+        uint64_t wake = next_pub < next_report ? next_pub : next_report;
+        int64_t wait = ((int64_t)wake - (int64_t)now_ns()) / 1000000;
+        loop_once(wait < 0 ? 0 : wait > 50 ? 50 : (int)wait);
+    }
+    double wall = (now_ns() - t0) / 1e9;
+    double c1 = self_cpu(), s1 = proc_cpu(server_pid);
+    uint64_t drain_end = now_ns() + 15ull * 1000000000ull;
+    while (now_ns() < drain_end && now_ns() < deadline && (subscribers_behind() || acks < next_seq))
+        loop_once(20);
+    long behind = subscribers_behind(), tail = 0;
+    for (long i = 1; i < nslots; i++)
+        if (conns[i].state == ST_READY) tail += next_seq - conns[i].expect;
+    soak_missed += tail;
+    print_tick(t0);
+    int publisher_alive = publisher->state == ST_READY;
+    printf("{\"mode\":\"soak\",\"subs\":%ld,\"rate\":%.2f,\"duration\":%.3f,\"setup_s\":%.3f,"
+           "\"published\":%ld,\"acks\":%ld,\"pub_errors\":%ld,\"delivered\":%ld,"
+           "\"expected\":%ld,\"missed\":%ld,\"missed_at_end\":%ld,\"behind_at_end\":%ld,"
+           "\"disordered\":%ld,\"closes\":%ld,\"subs_ready_at_end\":%ld,"
+           "\"publisher_alive\":%s,",
+           nconns, rate, wall, setup_secs, next_seq, acks, pub_errors, delivered_total,
+           next_seq * nconns, soak_missed, tail, behind, soak_disordered, soak_closes, ready - 1,
+           publisher_alive ? "true" : "false");
+    print_samples("latency_us", &lat);
+    printf(",");
+    print_common(c1 - c0, (s0 >= 0 && s1 >= 0) ? s1 - s0 : -1, wall);
+    printf("}\n");
+    fflush(stdout);
+    for (long i = 0; i < nslots; i++) conn_reset_close(&conns[i]);
+    int clean = publisher_alive && soak_missed == 0 && soak_disordered == 0 && soak_closes == 0 &&
+                pub_errors == 0;
+    return clean ? 0 : 1;
 }
 
 static void print_common(double cpu_self, double cpu_server, double wall) {
@@ -752,6 +860,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "fanout")) mode = MODE_FANOUT;
     else if (!strcmp(argv[1], "idle")) mode = MODE_IDLE;
     else if (!strcmp(argv[1], "connrate")) mode = MODE_CONNRATE;
+    else if (!strcmp(argv[1], "soak")) mode = MODE_SOAK;
     else usage();
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
@@ -777,6 +886,7 @@ int main(int argc, char **argv) {
         else if (OPT("--warmup")) warmup = atof(v);
         else if (OPT("--duration")) duration = atof(v);
         else if (OPT("--hold")) hold = atof(v);
+        else if (OPT("--report")) report = atof(v);
         else if (OPT("--timeout")) total_timeout = atof(v);
         else if (OPT("--server-pid")) server_pid = atoi(v);
         else usage();
@@ -835,13 +945,14 @@ int main(int argc, char **argv) {
         return 0;
     }
 
-    long total = mode == MODE_FANOUT ? nconns + 1 : nconns;
+    int with_publisher = mode == MODE_FANOUT || mode == MODE_SOAK;
+    long total = with_publisher ? nconns + 1 : nconns;
     nslots = total;
     conns = calloc((size_t)nslots, sizeof(conn_t));
     for (long i = 0; i < nslots; i++) conns[i].fd = -1;
     nsubs_target = nconns;
-    int role_first = mode == MODE_FANOUT ? ROLE_PUB : ROLE_IDLE;
-    int role_rest = mode == MODE_FANOUT ? ROLE_SUB : ROLE_IDLE;
+    int role_first = with_publisher ? ROLE_PUB : ROLE_IDLE;
+    int role_rest = with_publisher ? ROLE_SUB : ROLE_IDLE;
 
     /* set-up phase: open everything, bounded concurrency */
     uint64_t setup_start = now_ns();
@@ -853,7 +964,7 @@ int main(int argc, char **argv) {
     if (ready < total) {
         /* connections failed (or timed out): report and stop */
         printf("{\"mode\":\"%s\",\"setup_failed\":true,\"ready\":%ld,\"wanted\":%ld,",
-               mode == MODE_FANOUT ? "fanout" : "idle", ready, total);
+               mode == MODE_FANOUT ? "fanout" : mode == MODE_SOAK ? "soak" : "idle", ready, total);
         print_common(0, -1, 0);
         printf("}\n");
         for (long i = 0; i < nslots; i++) conn_reset_close(&conns[i]);
@@ -883,6 +994,8 @@ int main(int argc, char **argv) {
         printf("}\n");
         return 0;
     }
+
+    if (mode == MODE_SOAK) return soak(setup_secs, deadline);
 
     /* fanout: one line of results per phase (--phases "r5:6,w2,w32"; default
        from --window/--rate), on the same subscribers */
