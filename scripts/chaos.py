@@ -365,6 +365,7 @@ class Ledger:
         self.acked: dict[str, dict[str, str]] = defaultdict(dict)  # channel -> key -> id
         self.received: dict[tuple[int, str], list[str]] = defaultdict(list)
         self.resynced: set[tuple[int, str]] = set()
+        self.details: list[dict[str, Any]] = []
         self.subscriptions: dict[int, list[str]] = {}
         self.job_acks: Counter[str] = Counter()
         self.jobs: dict[str, str] = {}  # key -> id
@@ -595,12 +596,18 @@ async def audit(
             if any(b <= a for a, b in itertools.pairwise(parsed)):
                 violations.append(f"client {index} {channel}: out of order or duplicated")
             missing = set(ledger.acked[channel].values()) - set(got)
+            unknown = set(got) - set(history[channel])
+            if missing or unknown:
+                ledger.details.append(
+                    {"client": index, "channel": channel, "received": got,
+                     "missing": sorted(missing), "unknown": sorted(unknown),
+                     "history": history[channel]}
+                )  # fmt: skip
             if missing:
                 violations.append(
                     f"client {index} {channel}: {len(missing)} acknowledged events never "
                     f"delivered (e.g. {sorted(missing)[0]})"
                 )
-            unknown = set(got) - set(history[channel])
             if unknown:
                 violations.append(f"client {index} {channel}: received ids not in history")
     letters = await read_all(url, token, JOBS + ".dlq")
@@ -766,10 +773,24 @@ async def campaign(args: argparse.Namespace) -> int:
         "faults": dict(counts),
         **figures,
         "violations": len(violations),
+        "violations_by_kind": dict(Counter(_kind(v) for v in violations)),
         "violation_samples": violations[:20],
     }
+    if args.keep:
+        details = root / "audit.json"
+        details.write_text(json.dumps({"violations": violations, "subscribers": ledger.details}))
+        summary["audit_details"] = str(details)
     print(json.dumps(summary, indent=2))
     return 1 if violations else 0
+
+
+def _kind(violation: str) -> str:
+    """A violation's kind: its text without the client, channel and ids."""
+    for kind in ("not in history", "never delivered", "out of order", "acked", "increments"):
+        if kind in violation:
+            prefix = "acknowledged " if violation.startswith("chaos.") else ""
+            return prefix + kind
+    return violation
 
 
 def main(argv: list[str] | None = None) -> int:

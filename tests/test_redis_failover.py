@@ -117,6 +117,10 @@ async def run_failover(
 ) -> Load:
     """The scenario of the module docstring; returns what was seen."""
     load = Load()
+    # as behind a load balancer: load only once both nodes say ready (the bus
+    # readers wait for an in-sync replica, which a fresh cluster needs a moment for)
+    for node in (a, b):
+        await until_async(lambda node=node: node.http_get("/api/v1/ready"), 200)
     reader = await a.connect(sub="reader")
     for channel in channels:
         assert (await reader.call("subscribe", channel=channel))["ok"]
@@ -156,6 +160,17 @@ async def until(predicate: Callable[[], bool]) -> None:
             return
         await trio.sleep(0.1)
     raise AssertionError("condition never met")
+
+
+async def until_async(
+    probe: Callable[[], Awaitable[tuple[int, Any]]], status: int
+) -> None:
+    """Poll `probe` every 0.1 s until it answers `status` (bounded like `until`)."""
+    for _ in range(int(TEST_BOUND / 0.1)):
+        if (await probe())[0] == status:
+            return
+        await trio.sleep(0.1)
+    raise AssertionError(f"never answered {status}")
 
 
 def _id_key(event_id: str) -> tuple[int, int]:

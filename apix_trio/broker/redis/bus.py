@@ -100,6 +100,9 @@ class BusReader:
         self._gaps = 0
         self._lost = 0
         self._resets = 0
+        self._start_tails: list[tuple[str, int | None]] | None = None
+        """Where to start when known before the first read (else: the ends
+        the first connection finds)."""
 
     def statistics(self) -> BusStatistics:
         return BusStatistics(
@@ -121,33 +124,39 @@ class BusReader:
         shards: list[_Shard] | None = None
         failures = 0
         started = False
+        last_error = ""
         while True:
             connection: RedisConnection | None = None
             tails: list[tuple[str, int | None]] | None = None
             try:
                 with trio.move_on_after(self._timeout):
-                    connection = await open_connection(self._address, decode=False)
+                    connection = await self._connect()
                     tails = await self._tails(connection)
                 if connection is None or tails is None:
                     raise BrokerUnavailable(
                         f"redis bus positions: no answer within {self._timeout:g} s"
                     )
                 if shards is None:
+                    start = self._start_tails or tails
                     shards = [
                         _Shard(name, position, seq)
-                        for name, (position, seq) in zip(self._names, tails, strict=True)
+                        for name, (position, seq) in zip(self._names, start, strict=True)
                     ]
                 else:
                     self._check_tails(shards, tails)
+                if failures:
+                    log.info("redis_bus_reading", after_failures=failures, **self._where())
                 self.ok = True
                 failures = 0
+                last_error = ""
                 if not started:
                     started = True
                     task_status.started()
                 await self._read_forever(connection, shards)
             except BrokerUnavailable as exc:
-                if self.ok or failures == 0:
+                if self.ok or failures == 0 or str(exc) != last_error:
                     log.warning("redis_bus_read_failed", error=str(exc))
+                last_error = str(exc)
                 self.ok = False
                 self._failures += 1
                 failures += 1
@@ -224,6 +233,14 @@ class BusReader:
                 listener(org, channel, event)
             except Exception:
                 log.exception("listener_failed", org=org, channel=channel, id=event.id)
+
+    def _where(self) -> dict[str, str]:
+        """Log fields naming where this reader reads."""
+        return {"address": f"{self._address.host}:{self._address.port}"}
+
+    async def _connect(self) -> RedisConnection:
+        """The connection to read on (subclasses may pick another server)."""
+        return await open_connection(self._address, decode=False)
 
     def _check_tails(self, shards: list[_Shard], tails: list[tuple[str, int | None]]) -> None:
         """After a reconnect: a shard that now ends before our position was

@@ -19,6 +19,15 @@ continues from its last position, checking first that the new master has
 everything it read (`following`). Per channel, order and exactly-once per
 node hold as on one server: a channel lives on one shard, read by one reader.
 
+With `broker.publish_wait_replicas >= 1` (`read_replicas`) each reader
+reads a replica of the shard's master instead, and only while that replica
+is in sync (`following`, "replicas only"): it then delivers only what
+reached a replica, which is what the cluster keeps through a failover, and
+a master that wakes up from a pause after it was replaced (split brain)
+cannot show writes that the cluster is about to discard. With one replica
+per master (the set-up the fault campaign runs) the replica read is the
+one promoted.
+
 `ok` is true while every shard's reader is reading; `statistics()` sums them.
 
 Resource handling: `serve` owns a nursery with every shard's reader (each
@@ -52,6 +61,8 @@ class ClusterBus(BusReader):
         layout: KeyLayout,
         timeout: float,
         tuning: RedisTuning,
+        *,
+        read_replicas: bool = False,
     ) -> None:
         super().__init__("redis://", layout, timeout, tuning)
         self._slots = [layout.slot(shard) for shard in range(layout.bus_shards)]
@@ -63,12 +74,15 @@ class ClusterBus(BusReader):
                 tuning,
                 shards=[shard],
                 on_failure=scripts.request_refresh,
+                cluster=True,
+                replicas_only=read_replicas,
             )
             for shard, slot in enumerate(self._slots)
         ]
         for reader in self.readers:
             reader.listener = self._forward
         scripts.on_map.append(self._follow)
+        self._follow(scripts.slot_map)
 
     def _forward(self, org: str, channel: str, event: Event) -> None:
         listener: Listener | None = self.listener
@@ -78,8 +92,9 @@ class ClusterBus(BusReader):
     def _follow(self, slot_map: SlotMap) -> None:
         for reader, slot in zip(self.readers, self._slots, strict=True):
             owner = slot_map.owner(slot)
-            if owner is not None:
-                reader.retarget(owner)
+            if owner is None:
+                continue
+            reader.retarget(owner)  # replicas-only readers ask it for its replica
 
     @property  # the base class keeps a flag; here every shard's reader must be reading
     def ok(self) -> bool:

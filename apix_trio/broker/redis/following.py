@@ -25,7 +25,25 @@ While a reader has not re-checked its shards on the new server, `ok` is
 false (as after any failure), so the broker is not `ready`: readiness says
 503 from the failure until the position check on the new master is done.
 
-Resource handling and errors: as `bus.BusReader`.
+Replicas only (`replicas_only`, the cluster and Sentinel bus with
+`broker.publish_wait_replicas >= 1`): the reader reads a replica of the
+master and hands on only entries that reached it, which is what survives
+the master's failover, and the same rule the publisher's `WAIT` applies.
+Found by the fault campaign: a paused master that the cluster replaced goes
+on accepting writes for a moment after it wakes up (split brain), and a
+reader on it delivered those writes, which the cluster then discarded, and
+skipped the acknowledged writes its successor took meanwhile. A reader on
+the replica sees neither: the replica follows the new master. The replica
+is found on every connect: the master's `ROLE` names the replicas
+connected to it, and the first one is read if its own `ROLE` says it
+follows that master with its link `connected` (one still loading from its
+master would serve its old data). While no in-sync replica is
+known (the old master not back yet, a replica resyncing) the reader reads
+nothing and is not `ok` (readiness 503), and tries again with its backoff:
+the publishes of that time are refused anyway (`WAIT` finds no replica),
+and what they stored is delivered once a replica has it. On a replica the
+tail checks are skipped (a replica behind the reader's position is
+lagging, not rolled back: XREAD from the position waits for the rest).
 """
 
 from __future__ import annotations
@@ -33,13 +51,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import trio
 
 from apix_trio.broker.model import BrokerUnavailable
 from apix_trio.broker.redis.bus import BusReader
 from apix_trio.broker.redis.keys import KeyLayout
-from apix_trio.broker.redis.resp import RedisAddress, RedisConnection
-from apix_trio.broker.redis.support import RedisTuning
+from apix_trio.broker.redis.resp import RedisAddress, RedisConnection, open_connection
+from apix_trio.broker.redis.support import RedisTuning, pack_command
+from apix_trio.broker.redis.topology import ask_once
 from apix_trio.observability.logs import get_logger
 from apix_trio.protocol import ids
 
@@ -60,9 +80,15 @@ class FollowingBusReader(BusReader):
         *,
         shards: list[int] | None = None,
         on_failure: Callable[[], None] = lambda: None,
+        cluster: bool = False,
+        replicas_only: bool = False,
     ) -> None:
         super().__init__("redis://", layout, timeout, tuning)
         self._address = address
+        self._cluster = cluster  # a replica needs READONLY before it serves reads
+        self._replicas_only = replicas_only
+        self._on_replica = False  # the current connection reads a replica
+        self._connecting_to = address  # the master (or server) of the last connect
         if shards is not None:
             self._names = [layout.bus(shard) for shard in shards]
             self._encoded_names = [name.encode() for name in self._names]
@@ -74,17 +100,83 @@ class FollowingBusReader(BusReader):
     def address(self) -> RedisAddress:
         return self._address
 
+    @property
+    def reading_replica(self) -> bool:
+        """Whether the current connection reads a replica (for tests and logs)."""
+        return self._on_replica
+
     def retarget(self, address: RedisAddress) -> None:
-        """Read at `address` from now on (see the module docstring)."""
+        """Read at `address` from now on (see the module docstring); with
+        `replicas_only`, `address` is the master whose replica is read."""
         if address == self._address:
             return
         self._address = address
         if self._reading is not None:
             self._reading.cancel()
 
+    def _where(self) -> dict[str, str]:
+        return {**super()._where(), "replica": str(self._on_replica).lower()}
+
+    async def _connect(self) -> RedisConnection:
+        master = self._address
+        self._connecting_to = master
+        self._on_replica = False
+        if not self._replicas_only:
+            return await open_connection(master, decode=False)
+        if self._start_tails is None:
+            # start where the master ends now, not where the bus ends once a
+            # replica is ready: what is published meanwhile comes in order then
+            first = await open_connection(master, decode=False)
+            try:
+                self._start_tails = await BusReader._tails(self, first)
+            finally:
+                await first.aclose()
+        replica = await self._replica_of(master)
+        connection = await open_connection(replica, decode=False)
+        try:
+            if not await self._in_sync(connection, master):
+                raise BrokerUnavailable(f"the bus replica {replica} is not in sync with {master}")
+        except BaseException:
+            await connection.aclose()
+            raise
+        self._on_replica = True
+        return connection
+
+    async def _replica_of(self, master: RedisAddress) -> RedisAddress:
+        """The first replica that `master` lists in its `ROLE` as connected."""
+        role = await ask_once(master, self._timeout, b"ROLE")
+        try:
+            if role[0] not in (b"master", "master"):
+                raise BrokerUnavailable(f"{master} is not a master (ROLE {role[0]!r})")
+            host, port = role[2][0][0], int(role[2][0][1])
+        except (IndexError, TypeError, ValueError):
+            raise BrokerUnavailable(f"no replica of {master} to read the bus from") from None
+        host = host.decode() if isinstance(host, bytes) else str(host)
+        return attrs.evolve(master, host=host, port=port)
+
+    async def _in_sync(self, connection: RedisConnection, master: RedisAddress) -> bool:
+        """Ask the replica (READONLY on a cluster, then ROLE) whether it
+        follows `master` with its link up."""
+        commands = [(b"READONLY",)] if self._cluster else []
+        commands.append((b"ROLE",))
+        await connection.send(b"".join(pack_command(*words) for words in commands))
+        replies = [await connection.read_reply() for _ in commands]
+        role = replies[-1]
+        try:
+            in_sync = (
+                role[0] in (b"slave", "slave")
+                and int(role[2]) == master.port
+                and role[3] in (b"connected", "connected")
+            )
+        except (IndexError, TypeError, ValueError):
+            in_sync = False
+        if not in_sync:
+            log.info("redis_bus_replica_not_in_sync", master=str(master), role=repr(role))
+        return in_sync
+
     async def _tails(self, connection: RedisConnection) -> list[tuple[str, int | None]]:
         # called right after connecting: remember where this connection goes
-        self._reading_at = self._address
+        self._reading_at = self._connecting_to
         return await super()._tails(connection)
 
     async def _read_forever(self, connection: RedisConnection, shards: Any) -> None:
@@ -102,6 +194,8 @@ class FollowingBusReader(BusReader):
         raise BrokerUnavailable(MOVED_AWAY)
 
     def _check_tails(self, shards: Any, tails: list[tuple[str, int | None]]) -> None:
+        if self._on_replica:
+            return  # behind our position means lagging here, not rolled back
         for shard, (tail, seq) in zip(shards, tails, strict=True):
             if shard.seq is None or seq is None or seq >= shard.seq:
                 continue

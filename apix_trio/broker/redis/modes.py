@@ -2,10 +2,12 @@
 
 - `standalone`: one server (`batch.ScriptBatcher`, `bus.BusReader`);
 - `cluster`: `cluster.ClusterScripts` (a pipeline per master, calls routed
-  by slot) and `cluster_bus.ClusterBus` (a reader per shard on its master);
+  by slot) and `cluster_bus.ClusterBus` (a reader per shard on its master,
+  or on an in-sync replica of it with `publish_wait_replicas >= 1`);
   `broker.redis_url` names any one node;
 - `sentinel`: `sentinel.SentinelScripts` and a `following.FollowingBusReader`,
-  both on whichever server the sentinels name master;
+  both on whichever server the sentinels name master (the reader on an
+  in-sync replica of it with `publish_wait_replicas >= 1`);
 - `auto` (the default): `INFO cluster` decides between cluster and
   standalone. When the server does not answer, detection is retried with
   the capped backoff for up to `broker.operation_timeout`, then the broker
@@ -84,7 +86,10 @@ async def open_mode(
         await scripts.refresh()
     except BrokerUnavailable as exc:  # the supervisor keeps asking
         log.warning("redis_unavailable", reason=str(exc))
-    return scripts, ClusterBus(scripts, seed, layout, timeout, tuning)
+    bus = ClusterBus(
+        scripts, seed, layout, timeout, tuning, read_replicas=broker.publish_wait_replicas > 0
+    )
+    return scripts, bus
 
 
 async def _sentinel(
@@ -98,8 +103,14 @@ async def _sentinel(
     except BrokerUnavailable as exc:  # the watcher keeps asking
         log.warning("redis_sentinel_no_master", reason=str(exc))
     scripts = SentinelScripts(watcher, timeout, broker.publish_wait_replicas, tuning)
+    read_replicas = broker.publish_wait_replicas > 0  # deliver what reached a replica
     bus = FollowingBusReader(
-        watcher.master, layout, timeout, tuning, on_failure=watcher.request_check
+        watcher.master,
+        layout,
+        timeout,
+        tuning,
+        on_failure=watcher.request_check,
+        replicas_only=read_replicas,
     )
     watcher.followers.append(bus.retarget)
     return scripts, bus
