@@ -9,7 +9,7 @@ Targets (each serves one broadcast channel on 127.0.0.1):
 - apix     `python -m apix_trio serve`, embedded broker, RS256 dev token, the
            real protocol (auth, subscribe, publish; PROTOCOL.md).
 - websockets  scripts/bench/websockets_server.py (asyncio, `broadcast`).
-- node-ws  scripts/bench/ws_server.js on Node's `ws` (installed at run time
+- node-ws  scripts/bench/ws_server.cjs on Node's `ws` (installed at run time
            into scripts/bench-out/node).
 
 The server runs pinned to core 0 (`taskset -c 0`), the load generator to
@@ -232,7 +232,7 @@ class Server:
         else:
             env["BENCH_HEARTBEAT_INTERVAL"] = str(HEARTBEAT_INTERVAL)
             env["NODE_PATH"] = str(node_modules)
-            cmd = [shutil.which("node") or "node", str(BENCH / "ws_server.js"), str(self.port)]
+            cmd = [shutil.which("node") or "node", str(BENCH / "ws_server.cjs"), str(self.port)]
         self._log = self.log_path.open("w")
         # taskset execs the server, so the pid is the server's own.
         self.proc = subprocess.Popen(
