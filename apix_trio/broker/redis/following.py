@@ -135,7 +135,9 @@ class FollowingBusReader(BusReader):
         connection = await open_connection(replica, decode=False)
         try:
             if not await self._in_sync(connection, master):
-                raise BrokerUnavailable(f"the bus replica {replica} is not in sync with {master}")
+                raise BrokerUnavailable(
+                    f"the bus replica {_at(replica)} is not in sync with {_at(master)}"
+                )
         except BaseException:
             await connection.aclose()
             raise
@@ -147,10 +149,10 @@ class FollowingBusReader(BusReader):
         role = await ask_once(master, self._timeout, b"ROLE")
         try:
             if role[0] not in (b"master", "master"):
-                raise BrokerUnavailable(f"{master} is not a master (ROLE {role[0]!r})")
+                raise BrokerUnavailable(f"{_at(master)} is not a master (ROLE {role[0]!r})")
             host, port = role[2][0][0], int(role[2][0][1])
         except (IndexError, TypeError, ValueError):
-            raise BrokerUnavailable(f"no replica of {master} to read the bus from") from None
+            raise BrokerUnavailable(f"no replica of {_at(master)} to read the bus from") from None
         host = host.decode() if isinstance(host, bytes) else str(host)
         return attrs.evolve(master, host=host, port=port)
 
@@ -171,7 +173,7 @@ class FollowingBusReader(BusReader):
         except (IndexError, TypeError, ValueError):
             in_sync = False
         if not in_sync:
-            log.info("redis_bus_replica_not_in_sync", master=str(master), role=repr(role))
+            log.info("redis_bus_replica_not_in_sync", master=_at(master), role=repr(role))
         return in_sync
 
     async def _tails(self, connection: RedisConnection) -> list[tuple[str, int | None]]:
@@ -212,3 +214,8 @@ class FollowingBusReader(BusReader):
                 self._resets += 1
                 shard.seq = seq
         super()._check_tails(shards, tails)
+
+
+def _at(address: RedisAddress) -> str:
+    """`host:port`, for messages and logs (no credentials, no options)."""
+    return f"{address.host}:{address.port}"
