@@ -173,6 +173,34 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[Any]:
+    """A Redis Cluster of this test's own (3 masters, 3 replicas;
+    tests/redis_topologies.py), for tests that kill or pause its servers."""
+    from tests.redis_topologies import RedisClusterSetup  # it imports this module
+
+    cluster = RedisClusterSetup(tmp_path / "cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path: Path) -> Iterator[Any]:
+    """A Sentinel set-up of this test's own (master, replica, 3 sentinels;
+    tests/redis_topologies.py)."""
+    from tests.redis_topologies import RedisSentinelSetup  # it imports this module
+
+    setup = RedisSentinelSetup(tmp_path / "sentinel")
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
 @pytest.fixture(scope="session")
 def shared_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One Redis Cluster (3 masters, 3 replicas; tests/redis_topologies.py) for

@@ -13,8 +13,7 @@ master has no replica reads nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -123,16 +122,6 @@ async def test_a_replicas_only_reader_hands_on_only_what_reached_its_replica(
             nursery.cancel_scope.cancel()
     assert [event.id for event in seen] == ["1-0", "2-0"]  # nothing lost, nothing twice
     assert on_master == []
-
-
-@pytest.fixture
-def redis_sentinel(tmp_path: Path) -> Iterator[RedisSentinelSetup]:
-    setup = RedisSentinelSetup(tmp_path / "sentinel")
-    try:
-        setup.start()
-        yield setup
-    finally:
-        setup.stop()
 
 
 async def test_behind_sentinel_the_bus_is_read_from_the_masters_replica(

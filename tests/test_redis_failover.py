@@ -18,7 +18,7 @@ SIGKILLed:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,26 +44,6 @@ SETTINGS: dict[str, object] = {
     "defaults.history_size": 100_000,
     "limits.ops_per_second": 1_000_000,
 }
-
-
-@pytest.fixture
-def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterSetup]:
-    cluster = RedisClusterSetup(tmp_path / "cluster")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture
-def redis_sentinel(tmp_path: Path) -> Iterator[RedisSentinelSetup]:
-    setup = RedisSentinelSetup(tmp_path / "sentinel")
-    try:
-        setup.start()
-        yield setup
-    finally:
-        setup.stop()
 
 
 @attrs.define
@@ -162,9 +142,7 @@ async def until(predicate: Callable[[], bool]) -> None:
     raise AssertionError("condition never met")
 
 
-async def until_async(
-    probe: Callable[[], Awaitable[tuple[int, Any]]], status: int
-) -> None:
+async def until_async(probe: Callable[[], Awaitable[tuple[int, Any]]], status: int) -> None:
     """Poll `probe` every 0.1 s until it answers `status` (bounded like `until`)."""
     for _ in range(int(TEST_BOUND / 0.1)):
         if (await probe())[0] == status:

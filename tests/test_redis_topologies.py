@@ -3,34 +3,11 @@ over and tear down (the broker's own tests on them build on these)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from tests.redis_topologies import RedisClusterSetup, RedisSentinelSetup, command
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterSetup]:
-    cluster = RedisClusterSetup(tmp_path / "cluster")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture
-def redis_sentinel(tmp_path: Path) -> Iterator[RedisSentinelSetup]:
-    setup = RedisSentinelSetup(tmp_path / "sentinel")
-    try:
-        setup.start()
-        yield setup
-    finally:
-        setup.stop()
 
 
 def test_cluster_forms_and_fails_over(redis_cluster: RedisClusterSetup) -> None:

@@ -378,19 +378,17 @@ class ReconnectingClient(EventOps):
                 if self._closed:
                     return
                 attempt += 1
-                await trio.sleep(
-                    retry_delay(
-                        attempt,
-                        base=self._backoff_base,
-                        factor=2.0,
-                        cap=self._backoff_cap,
-                        rng=self._rng,
-                    )
-                )
+                await trio.sleep(self._backoff(attempt))
         finally:
             self._closed = True
             self._ready.set()
             self._send.close()
+
+    def _backoff(self, attempt: int) -> float:
+        """The wrapper's capped, fully jittered wait before retry `attempt` (from 1)."""
+        return retry_delay(
+            attempt, base=self._backoff_base, factor=2.0, cap=self._backoff_cap, rng=self._rng
+        )
 
     async def _token(self) -> str:
         """A token from the provider; its failures become `TokenUnavailable`."""
@@ -645,14 +643,7 @@ class ReconnectingClient(EventOps):
                     raise
                 attempt += 1
                 self.last_error = exc
-                delay = retry_delay(
-                    attempt,
-                    base=self._backoff_base,
-                    factor=2.0,
-                    cap=self._backoff_cap,
-                    rng=self._rng,
-                )
-                await trio.sleep(max(delay, exc.retry_after or 0.0))
+                await trio.sleep(max(self._backoff(attempt), exc.retry_after or 0.0))
 
     async def _control_once(
         self,

@@ -82,7 +82,6 @@ class ClusterBus(BusReader):
         for reader in self.readers:
             reader.listener = self._forward
         scripts.on_map.append(self._follow)
-        self._follow(scripts.slot_map)
 
     def _forward(self, org: str, channel: str, event: Event) -> None:
         listener: Listener | None = self.listener
@@ -92,9 +91,8 @@ class ClusterBus(BusReader):
     def _follow(self, slot_map: SlotMap) -> None:
         for reader, slot in zip(self.readers, self._slots, strict=True):
             owner = slot_map.owner(slot)
-            if owner is None:
-                continue
-            reader.retarget(owner)  # replicas-only readers ask it for its replica
+            if owner is not None:
+                reader.retarget(owner)  # replicas-only readers ask it for its replica
 
     @property  # the base class keeps a flag; here every shard's reader must be reading
     def ok(self) -> bool:
