@@ -46,6 +46,7 @@ itself failed. Every loop is bounded by `--duration` and the quiesce timeout.
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import os
@@ -87,7 +88,10 @@ CALL_TIMEOUT = 10.0
 
 
 def log(message: str, **fields: Any) -> None:
-    print(json.dumps({"t": round(time.monotonic(), 2), "msg": message, **fields}), flush=True)
+    """One JSON line: `t` (monotonic s) and `ts` (UTC, to line up with the logs)."""
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+    line = {"t": round(time.monotonic(), 2), "ts": now, "msg": message, **fields}
+    print(json.dumps(line), flush=True)
 
 
 # ------------------------------------------------------------------ Redis ----
@@ -118,16 +122,18 @@ class StandaloneRedis:
         )  # fmt: skip
         _wait_port(self.port)
 
-    def kill_master(self) -> None:
+    def kill_master(self) -> str:
         assert self.process is not None
         self.process.kill()
         self.process.wait()
         self.start()
+        return f"master {self.port}"
 
-    def pause(self) -> None:
+    def pause(self) -> str:
         assert self.process is not None
         self.process.send_signal(signal.SIGSTOP)
         self.paused = True
+        return f"master {self.port}"
 
     def resume(self) -> None:
         if self.process is not None and self.paused:
@@ -167,7 +173,7 @@ class TopologyRedis:
     def start(self) -> None:
         self.setup.start()
 
-    def kill_master(self) -> None:
+    def kill_master(self) -> str:
         self.heal()  # at most one server down at a time: the topology must survive
         if self.mode == "sentinel":
             old = self.setup.master_port()
@@ -179,12 +185,14 @@ class TopologyRedis:
             victim.kill()
             self.setup.wait_failover(old)
         self.killed.append(victim)
+        return f"master {old}"
 
-    def pause(self) -> None:
+    def pause(self) -> str:
         servers = [s for s in _servers(self.setup) if s.running]
         victim = random.choice(servers)
         victim.pause()
         self.paused.append(victim)
+        return f"port {victim.port}"
 
     def resume(self) -> None:
         for server in self.paused:
@@ -534,27 +542,32 @@ async def inject_faults(
         if not order:  # every kind once per round, in a random order
             order = rng.sample(kinds, len(kinds))
         kind = order.pop()
+        target = ""
         if kind == "node_kill":
             node = rng.choice([n for n in nodes if n.running])
+            target = node.name
             await node.kill()
             await trio.sleep(rng.uniform(0.5, 2.0))
             await node.start()
         elif kind == "node_pause":
             node = rng.choice([n for n in nodes if n.running])
+            target = node.name
             node.pause()
             await trio.sleep(rng.uniform(0.5, 3.0))
             node.resume()
         elif kind == "redis_kill":
-            await trio.to_thread.run_sync(redis.kill_master)
+            log("fault_start", kind=kind)
+            target = await trio.to_thread.run_sync(redis.kill_master)
         elif kind == "redis_pause":
-            await trio.to_thread.run_sync(redis.pause)
+            target = await trio.to_thread.run_sync(redis.pause)
+            log("fault_start", kind=kind, target=target)
             await trio.sleep(rng.uniform(0.5, 2.0))
             await trio.to_thread.run_sync(redis.resume)
         elif kind == "client_drop":
             if not balancer.drop_one(rng):
                 continue
         counts[kind] += 1
-        log("fault", kind=kind)
+        log("fault", kind=kind, target=target)
     await trio.to_thread.run_sync(redis.heal)
 
 

@@ -140,3 +140,43 @@ async def test_behind_sentinel_the_bus_is_read_from_the_masters_replica(
             assert reader.address.port == redis_sentinel.master.port
             result = await broker.publish("o", "c", "1", sender="s", key=None, retention=LONG)
             assert await seen.wait("c", 1) == [result.event.id]
+
+
+async def test_a_replica_promoted_under_the_reader_is_not_read_past_its_promotion(
+    redis_server_factory: RedisServerFactory,
+) -> None:
+    """The campaign's second split: the replica the reader sits on becomes a
+    master (its own master failed); writes it takes then are on no replica,
+    and were lost when it failed in turn. The reader hands none of them on
+    until a replica of it holds them."""
+    master = redis_server_factory()
+    replica = redis_server_factory(args=["--replicaof", "127.0.0.1", str(master.port)])
+    layout = KeyLayout("apix", 1)
+    seen: list[Event] = []
+    reader = FollowingBusReader(
+        parse_url(master.url), layout, 2.0, RedisTuning(bus_block_ms=200), shards=[0],
+        replicas_only=True,
+    )  # fmt: skip
+    reader.listener = lambda org, channel, event: seen.append(event)
+    with trio.fail_after(BOUND):
+        await until(lambda: command(replica.port, "ROLE")[3] == "connected", "the sync")  # type: ignore[index]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reader.serve)
+            await until(lambda: reader.reading_replica and reader.ok, "the replica")
+            command(master.port, *bus_entry(layout, 1))
+            await until(lambda: len(seen) == 1, "entry 1")
+
+            command(replica.port, "REPLICAOF", "NO", "ONE")  # promoted
+            failures = reader.statistics().failures
+            command(replica.port, *bus_entry(layout, 2))  # on no replica
+            await until(lambda: reader.statistics().failures > failures, "the refusal")
+            assert [event.id for event in seen] == ["1-0"]
+
+            # the old master follows the promoted one; once it holds entry 2,
+            # the reader (moved to the new master) reads it there
+            command(master.port, "REPLICAOF", "127.0.0.1", str(replica.port))
+            reader.retarget(parse_url(replica.url))
+            await until(lambda: len(seen) == 2, "entry 2, once a replica has it")
+            assert reader.reading_replica
+            nursery.cancel_scope.cancel()
+    assert [event.id for event in seen] == ["1-0", "2-0"]

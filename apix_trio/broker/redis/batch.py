@@ -48,6 +48,7 @@ import attrs
 import trio
 
 from apix_trio.broker.model import BrokerUnavailable
+from apix_trio.broker.redis.keys import fence_key
 from apix_trio.broker.redis.resp import RedisConnection, ReplyError, open_connection, parse_url
 from apix_trio.broker.redis.scripts import SCRIPTS, Script
 from apix_trio.broker.redis.support import RedisTuning, backoff_delay, pack_command, pack_words
@@ -58,6 +59,8 @@ log = get_logger(__name__)
 CLOSED = "the Redis broker is closed"
 _PING = pack_command(b"PING")
 _HEAD_CACHE_SIZE = 65_536
+FENCE_TTL_MS = b"1000"
+"""How long a durable-read fence key lives (it is only ever written)."""
 
 
 @attrs.define(eq=False, slots=True)
@@ -68,8 +71,11 @@ class _Call:
     """None: a command of the batcher's own (PING, SCRIPT LOAD)."""
     command: bytes
     """`EVALSHA ...`, packed."""
-    write: bool
+    waits: bool
+    """Its outcome counts only once `publish_wait_replicas` replicas hold it."""
     deadline: float
+    fence: bytes = b""
+    """A durable read's fence write (see `ScriptBatcher.call`), packed."""
     done: trio.Event = attrs.Factory(trio.Event)
     reply: Any = None
     error: str | None = None
@@ -94,6 +100,8 @@ class _Batch:
     calls: list[_Call]
     wait: bool
     """A WAIT follows the calls."""
+    fenced: bool
+    """A fence write follows the calls (before the WAIT)."""
     deadline: float
     """The earliest deadline of its calls: no reply by then drops the connection."""
 
@@ -151,13 +159,29 @@ class ScriptBatcher:
         )
 
     async def call(
-        self, script: Script, keys: tuple[bytes, ...], args: tuple[bytes, ...], *, write: bool
+        self,
+        script: Script,
+        keys: tuple[bytes, ...],
+        args: tuple[bytes, ...],
+        *,
+        write: bool,
+        durable_read: bool = False,
     ) -> Any:
         """Run `script` with `keys` and `args`; its reply (decoded text).
 
+        With `publish_wait_replicas` > 0 a `write` is followed by WAIT and
+        succeeds only once that many replicas hold it. A `durable_read`
+        returns only what that many replicas hold: WAIT counts the
+        replication offset of the connection's own last write, not of the
+        data a read saw, so the read is followed by a fence, a write to the
+        `fence_key` of its first key's slot (`SET ... PX`, harmless), whose
+        offset covers every write before it, then by the WAIT. A read may
+        otherwise hand a client data that a failover then discards.
+
         Error handling: BrokerUnavailable when there is no reply within
         `operation_timeout`, when Redis answers with an error, or when a
-        write was acknowledged by fewer than `publish_wait_replicas` replicas.
+        write (or what a durable read saw) is held by fewer than
+        `publish_wait_replicas` replicas.
         """
         # `EVALSHA sha n keys...` is packed once per script and keys (a channel's)
         head = self._heads.get((script.sha_bytes, keys))
@@ -168,6 +192,9 @@ class ScriptBatcher:
             self._heads[script.sha_bytes, keys] = head
         command = b"*%d\r\n%s%s" % (3 + len(keys) + len(args), head, pack_words(args))
         call = _Call(script, command, write, trio.current_time() + self._timeout)
+        if durable_read and self._wait_replicas > 0 and keys:
+            call.waits = True
+            call.fence = pack_command(b"SET", fence_key(keys[0]), b"1", b"PX", FENCE_TTL_MS)
         return await self._execute(call)
 
     async def _execute(self, call: _Call) -> Any:
@@ -307,11 +334,15 @@ class ScriptBatcher:
             if not in_flight and connection.readable_while_idle():
                 queue.extendleft(reversed(batch))  # not sent: they go out on the next connection
                 raise BrokerUnavailable("redis closed the idle connection")
-            wait = self._wait_replicas > 0 and any(call.write for call in batch)
+            wait = self._wait_replicas > 0 and any(call.waits for call in batch)
             commands = [call.command for call in batch]
+            fence = next((call.fence for call in reversed(batch) if call.fence), b"")
+            if fence:
+                commands.append(fence)
             if wait:
                 commands.append(self._wait_command)
-            in_flight.append(_Batch(batch, wait, min(call.deadline for call in batch)))
+            deadline = min(call.deadline for call in batch)
+            in_flight.append(_Batch(batch, wait, bool(fence), deadline))
             self._sent.set()
             await connection.send(b"".join(commands))
 
@@ -333,7 +364,7 @@ class ScriptBatcher:
                 self._sent = trio.Event()
                 await self._sent.wait()
             batch = in_flight[0]
-            expected = len(batch.calls) + batch.wait
+            expected = len(batch.calls) + batch.fenced + batch.wait
             replies: list[Any] = []
             while len(replies) < expected:  # bounded by `_expire`
                 reply = connection.reply_nowait()
@@ -351,6 +382,8 @@ class ScriptBatcher:
         if batch.wait:
             waited = replies.pop()
             acked = waited if isinstance(waited, int) else 0
+        if batch.fenced and isinstance(replies.pop(), ReplyError):
+            acked = 0  # unfenced: what the reads saw is not known to be replicated
         again: list[_Call] = []
         scripts = 0
         for call, reply in zip(batch.calls, replies, strict=True):
@@ -368,8 +401,9 @@ class ScriptBatcher:
                     again.append(call)
                 else:
                     call.fail(f"redis {script.name} failed: {reply}")
-            elif call.write and acked is not None and acked < self._wait_replicas:
-                call.fail(f"only {acked} of {self._wait_replicas} replicas acknowledged the write")
+            elif call.waits and acked is not None and acked < self._wait_replicas:
+                held = "hold what was read" if call.fence else "acknowledged the write"
+                call.fail(f"only {acked} of {self._wait_replicas} replicas {held}")
             else:
                 call.resolve(reply)
         if scripts:

@@ -183,15 +183,23 @@ class BusReader:
         )  # fmt: skip
         head = b"*%d\r\n%s" % (len(words) + len(shards), pack_words(words))
         positions = [pack_words((shard.position.encode(),)) for shard in shards]
+        vet = self._vet_command()
         while True:
-            reply: Any = False
+            reply: Any = None
+            verdict: Any = None
+            answered = False
             with trio.move_on_after(read_timeout):
-                await connection.send(head + b"".join(positions))
+                await connection.send(head + b"".join(positions) + vet)
                 reply = await connection.read_reply()
-            if reply is False:
+                if vet:
+                    verdict = await connection.read_reply()
+                answered = True
+            if not answered:
                 raise BrokerUnavailable(f"redis bus read: no answer within {read_timeout:g} s")
             if isinstance(reply, ReplyError):
                 raise BrokerUnavailable(f"redis bus read failed: {reply}")
+            if vet:
+                self._vet(verdict)
             self._reads += 1
             self.ok = True
             for name, entries in reply or ():
@@ -233,6 +241,17 @@ class BusReader:
                 listener(org, channel, event)
             except Exception:
                 log.exception("listener_failed", org=org, channel=channel, id=event.id)
+
+    def _vet_command(self) -> bytes:
+        """A command pipelined after every XREAD on this connection (empty:
+        none); Redis runs it right after the read returns, and `_vet` judges
+        its reply before the read's entries are handed on."""
+        return b""
+
+    def _vet(self, verdict: Any) -> None:
+        """Raise BrokerUnavailable when the read just made must not be
+        handed on (see `_vet_command`); its entries are then read again on
+        the next connection."""
 
     def _where(self) -> dict[str, str]:
         """Log fields naming where this reader reads."""

@@ -50,8 +50,8 @@ from typing import Any
 import trio
 
 from apix_trio.broker.model import BrokerUnavailable
-from apix_trio.broker.redis.batch import BatchStatistics, ScriptBatcher
-from apix_trio.broker.redis.keys import hash_slot
+from apix_trio.broker.redis.batch import FENCE_TTL_MS, BatchStatistics, ScriptBatcher
+from apix_trio.broker.redis.keys import fence_key, hash_slot
 from apix_trio.broker.redis.resp import RedisAddress, ReplyError, open_connection
 from apix_trio.broker.redis.scripts import Script
 from apix_trio.broker.redis.support import RedisTuning, backoff_delay, pack_command
@@ -147,7 +147,13 @@ class ClusterScripts(ScriptBatcher):
     # -- calls --------------------------------------------------------------------
 
     async def call(
-        self, script: Script, keys: tuple[bytes, ...], args: tuple[bytes, ...], *, write: bool
+        self,
+        script: Script,
+        keys: tuple[bytes, ...],
+        args: tuple[bytes, ...],
+        *,
+        write: bool,
+        durable_read: bool = False,
     ) -> Any:
         """`ScriptBatcher.call`, on the master owning `keys[0]`'s slot."""
         if self._closed:
@@ -164,8 +170,12 @@ class ClusterScripts(ScriptBatcher):
                     raise BrokerUnavailable(f"no Redis Cluster master serves slot {slot} now")
                 try:
                     if asking is not None:
-                        return await self._call_asking(asking, script, keys, args, write=write)
-                    return await self._node(target).call(script, keys, args, write=write)
+                        return await self._call_asking(
+                            asking, script, keys, args, write=write, durable_read=durable_read
+                        )
+                    return await self._node(target).call(
+                        script, keys, args, write=write, durable_read=durable_read
+                    )
                 except BrokerUnavailable as exc:
                     error = str(exc)
                     redirect = parse_redirect(error)
@@ -209,13 +219,18 @@ class ClusterScripts(ScriptBatcher):
         args: tuple[bytes, ...],
         *,
         write: bool,
+        durable_read: bool,
     ) -> Any:
         """ASKING + the call on a connection of its own (see the module docstring);
         SCRIPT LOAD first, so NOSCRIPT cannot happen. Bounded by the caller."""
         evalsha = pack_command(b"EVALSHA", script.sha_bytes, b"%d" % len(keys), *keys, *args)
         commands = [pack_command(b"SCRIPT", b"LOAD", script.source.encode())]
         commands += [pack_command(b"ASKING"), evalsha]
-        if write and self._wait_replicas > 0:
+        fenced = durable_read and self._wait_replicas > 0 and bool(keys)
+        if fenced:  # the slot is importing here: the fence needs ASKING too
+            fence = pack_command(b"SET", fence_key(keys[0]), b"1", b"PX", FENCE_TTL_MS)
+            commands += [pack_command(b"ASKING"), fence]
+        if (write or fenced) and self._wait_replicas > 0:
             wait_ms = max(1, int(self._timeout * 1000 * 0.75))
             commands.append(
                 pack_command(b"WAIT", b"%d" % self._wait_replicas, b"%d" % wait_ms)
@@ -229,11 +244,12 @@ class ClusterScripts(ScriptBatcher):
         reply = replies[2]
         if isinstance(reply, ReplyError):
             raise BrokerUnavailable(f"redis {script.name} failed: {reply}")
-        acked = replies[3] if len(replies) > 3 else None
+        acked = replies[-1] if len(replies) > 3 else None
+        if fenced and isinstance(replies[4], ReplyError):
+            acked = 0
         if acked is not None and not (isinstance(acked, int) and acked >= self._wait_replicas):
-            raise BrokerUnavailable(
-                f"only {acked} of {self._wait_replicas} replicas acknowledged the write"
-            )
+            held = "hold what was read" if fenced else "acknowledged the write"
+            raise BrokerUnavailable(f"only {acked} of {self._wait_replicas} replicas {held}")
         return reply
 
     async def ping(self) -> None:

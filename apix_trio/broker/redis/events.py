@@ -271,7 +271,7 @@ class RedisBroker(Broker):
     ) -> tuple[str, str, int, list[Any]]:
         keys = self._keys(org, channel)
         args = (mode.encode(), since.encode(), b"%d" % max(0, limit))
-        reply = await self.scripts.call(READ, keys.read, args, write=False)
+        reply = await self.scripts.call(READ, keys.read, args, write=False, durable_read=True)
         last, deleted, stored, entries = reply
         return last, deleted, int(stored), entries or []
 

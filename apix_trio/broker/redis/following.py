@@ -44,6 +44,13 @@ the publishes of that time are refused anyway (`WAIT` finds no replica),
 and what they stored is delivered once a replica has it. On a replica the
 tail checks are skipped (a replica behind the reader's position is
 lagging, not rolled back: XREAD from the position waits for the rest).
+Every XREAD on a replica is followed, in the same pipeline, by `ROLE`
+(`_vet`): a replica promoted while we read it (its master failed) takes
+writes that no replica holds yet, so a read answered by a promoted server
+is not handed on; the reader reconnects and reads a replica of the new
+master once it has one. Also found by the campaign: such writes were
+delivered, then lost when the promoted server failed in turn and its old
+master, just restarted, took over with its own older data.
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ from apix_trio.protocol import ids
 log = get_logger(__name__)
 
 MOVED_AWAY = "the bus moved to another Redis server"
+PROMOTED = "the bus replica was promoted to master: looking for a replica of it"
+_ROLE = pack_command(b"ROLE")
 
 
 class FollowingBusReader(BusReader):
@@ -194,6 +203,22 @@ class FollowingBusReader(BusReader):
             finally:
                 self._reading = None
         raise BrokerUnavailable(MOVED_AWAY)
+
+    def _vet_command(self) -> bytes:
+        return _ROLE if self._on_replica else b""
+
+    def _vet(self, verdict: Any) -> None:
+        """On a replica: hand on a read only if the server was still a replica
+        right after it (its `ROLE`, pipelined behind the XREAD). A replica
+        promoted since we connected holds, past its promotion, writes that
+        no replica has yet: the next connection looks for a replica of it."""
+        try:
+            still_replica = verdict[0] in (b"slave", "slave")
+        except (IndexError, TypeError):
+            still_replica = False
+        if not still_replica:
+            log.warning("redis_bus_replica_promoted", role=repr(verdict)[:80], **self._where())
+            raise BrokerUnavailable(PROMOTED)
 
     def _check_tails(self, shards: Any, tails: list[tuple[str, int | None]]) -> None:
         if self._on_replica:

@@ -8,6 +8,7 @@ then (for per-org data) the org:
     <prefix>:{<tag>}:<org>:k:<channel>:<key>  idempotency record of one key
     <prefix>:{<tag>}:bus                      fan-out bus stream of the shard
     <prefix>:{<tag>}:bus:seq                  the bus shard's entry counter
+    <prefix>:{<tag>}:fence                    durable-read fence (batch.py; expires in 1 s)
     <prefix>:{<tag>}:<org>:r:<channel>        redrive cursors of the channel's groups
     <prefix>:{o:<org>}:dir:conns              connection directory: conn -> record
     <prefix>:{o:<org>}:dir:nodes              connection directory: node leases
@@ -84,6 +85,18 @@ def hash_slot(key: str | bytes) -> int:
         if end > start + 1:
             data = data[start + 1 : end]
     return binascii.crc_hqx(data, 0) % SLOTS
+
+
+def fence_key(key: bytes) -> bytes:
+    """The durable-read fence key in `key`'s hash slot: `key` up to the end
+    of its hash tag, then `:fence` (`<prefix>:{<tag>}:fence`); a key without
+    a tag (one slot of its own) gets `<key>:fence`, which hashes elsewhere
+    but is only ever used where the slot does not matter (no cluster)."""
+    start = key.find(b"{")
+    end = key.find(b"}", start + 1) if start >= 0 else -1
+    if end > start + 1:
+        return key[: end + 1] + b":fence"
+    return key + b":fence"
 
 
 def slot_share(shard: int, shards: int) -> range:

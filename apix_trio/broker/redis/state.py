@@ -128,7 +128,9 @@ class RedisState(StateStore):
 
     async def get(self, org: str, key: str) -> StateValue:
         keys = self._layout.state(org)
-        version, value = await self._scripts.call(GET, (keys.value(key).encode(),), (), write=False)
+        version, value = await self._scripts.call(
+            GET, (keys.value(key).encode(),), (), write=False, durable_read=True
+        )
         return StateValue(str(value), int(version))
 
     async def count(self, org: str) -> int:
