@@ -23,9 +23,12 @@ What runs (all on loopback, all started and stopped by this script):
   `--state-writers` writers doing compare-and-set increments, each on its own
   state key.
 - Faults, one every 1.5-4 s (seeded): SIGKILL and restart a node; SIGSTOP and
-  SIGCONT a node; kill a Redis master (standalone: restart it; sentinel and
-  cluster: the replica takes over, the old one comes back as a replica); pause
-  Redis (SIGSTOP/SIGCONT); drop a client's TCP connection at the balancer.
+  SIGCONT a node; kill a Redis server (standalone: the master, restarted at
+  once; sentinel and cluster: a master, whose replica takes over, or one
+  time in three a replica; the victim stays down until the next Redis kill,
+  then comes back as a replica); pause a Redis server (SIGSTOP/SIGCONT); drop
+  a client's TCP connection at the balancer. Each fault is logged with its
+  target and wall-clock time, to line up with the node and Redis logs.
 
 At the end, with every fault healed, it waits for the system to quiesce and
 checks:
@@ -122,14 +125,14 @@ class StandaloneRedis:
         )  # fmt: skip
         _wait_port(self.port)
 
-    def kill_master(self) -> str:
+    def kill(self, rng: random.Random) -> str:
         assert self.process is not None
         self.process.kill()
         self.process.wait()
         self.start()
         return f"master {self.port}"
 
-    def pause(self) -> str:
+    def pause(self, rng: random.Random) -> str:
         assert self.process is not None
         self.process.send_signal(signal.SIGSTOP)
         self.paused = True
@@ -173,23 +176,42 @@ class TopologyRedis:
     def start(self) -> None:
         self.setup.start()
 
-    def kill_master(self) -> str:
+    def kill(self, rng: random.Random) -> str:
+        """SIGKILL a master (and wait for its failover) or, one time in three,
+        a replica; either stays down until the next kill or the end."""
         self.heal()  # at most one server down at a time: the topology must survive
+        if rng.random() < 1 / 3:
+            replicas = [
+                server for server in _servers(self.setup)
+                if server.running and server.port not in self._master_ports()
+            ]  # fmt: skip
+            victim = rng.choice(replicas)
+            victim.kill()
+            self.killed.append(victim)
+            return f"replica {victim.port}"
+        return self.kill_master(rng)
+
+    def _master_ports(self) -> list[int]:
+        if self.mode == "sentinel":
+            return [self.setup.master_port()]
+        return list(self.setup.master_ports())
+
+    def kill_master(self, rng: random.Random) -> str:
         if self.mode == "sentinel":
             old = self.setup.master_port()
             victim = self.setup.kill_master()
             self.setup.wait_failover(old)
         else:
-            old = random.choice(self.setup.master_ports())
+            old = rng.choice(self.setup.master_ports())
             victim = self.setup.server_on(old)
             victim.kill()
             self.setup.wait_failover(old)
         self.killed.append(victim)
         return f"master {old}"
 
-    def pause(self) -> str:
+    def pause(self, rng: random.Random) -> str:
         servers = [s for s in _servers(self.setup) if s.running]
-        victim = random.choice(servers)
+        victim = rng.choice(servers)
         victim.pause()
         self.paused.append(victim)
         return f"port {victim.port}"
@@ -557,9 +579,9 @@ async def inject_faults(
             node.resume()
         elif kind == "redis_kill":
             log("fault_start", kind=kind)
-            target = await trio.to_thread.run_sync(redis.kill_master)
+            target = await trio.to_thread.run_sync(redis.kill, rng)
         elif kind == "redis_pause":
-            target = await trio.to_thread.run_sync(redis.pause)
+            target = await trio.to_thread.run_sync(redis.pause, rng)
             log("fault_start", kind=kind, target=target)
             await trio.sleep(rng.uniform(0.5, 2.0))
             await trio.to_thread.run_sync(redis.resume)
