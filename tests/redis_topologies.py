@@ -131,7 +131,14 @@ def cluster_port() -> int:
 class RedisClusterSetup:
     """A Redis Cluster of `masters` masters with one replica each."""
 
-    def __init__(self, root: Path, *, masters: int = 3) -> None:
+    def __init__(
+        self, root: Path, *, masters: int = 3, replica_validity_factor: int = 0
+    ) -> None:
+        """`replica_validity_factor` 0 (the tests): a replica takes over
+        however long it was cut off, so every failover a test provokes
+        happens; Redis' default 10 refuses a replica that has not been in
+        sync lately, which is what keeps acknowledged writes (the fault
+        campaign uses it, docs/redis.md "Cluster")."""
         self.servers: list[RedisServer] = []
         for n in range(masters * 2):
             directory = root / f"node{n}"
@@ -144,7 +151,7 @@ class RedisClusterSetup:
                         "--cluster-enabled", "yes",
                         "--cluster-config-file", "nodes.conf",
                         "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-                        "--cluster-replica-validity-factor", "0",
+                        "--cluster-replica-validity-factor", str(replica_validity_factor),
                     ),
                 )
             )  # fmt: skip
@@ -193,6 +200,15 @@ class RedisClusterSetup:
 
     def kill_master(self, port: int) -> None:
         self.server_on(port).kill()
+
+    def replica_in_sync(self, master_port: int) -> bool:
+        """Whether a running replica of `master_port` has its link up."""
+        return any(
+            info_field(server.port, "replication", "master_port") == str(master_port)
+            and info_field(server.port, "replication", "master_link_status") == "up"
+            for server in self.servers
+            if server.running and server.port != master_port
+        )
 
     def wait_failover(self, dead_port: int, timeout: float = 30.0) -> None:
         """Until a replica replaced the dead master and the cluster is ok again."""
@@ -294,6 +310,18 @@ class RedisSentinelSetup:
     def master_port(self) -> int:
         """The master's port as the first sentinel names it."""
         return _master_addr_port(self.sentinel_ports[0])
+
+    def server_on(self, port: int) -> RedisServer:
+        return self.master if self.master.port == port else self.replica
+
+    def replica_in_sync(self, master_port: int) -> bool:
+        """Whether the other server runs as a replica of `master_port` with its link up."""
+        other = self.replica if self.master.port == master_port else self.master
+        return (
+            other.running
+            and info_field(other.port, "replication", "master_port") == str(master_port)
+            and info_field(other.port, "replication", "master_link_status") == "up"
+        )
 
     def kill_master(self) -> RedisServer:
         """SIGKILL whichever server is master now; returns it."""
