@@ -440,6 +440,38 @@ async def test_ready_follows_redis_and_startup_without_redis(tmp_path: Path) -> 
         server.stop()
 
 
+async def test_reads_wait_until_the_bus_reader_knows_where_it_starts(tmp_path: Path) -> None:
+    """A node started while Redis was unreachable has a bus reader that does
+    not know where it starts. A subscription's replay read then could end
+    before that start, and the events in between would reach the client
+    neither by replay nor live (the fault campaign's Sentinel run: a node
+    restarted while no master was named). Reads are refused until the reader
+    knows; then a read covers everything up to where live delivery begins."""
+    server = RedisServer(tmp_path)  # not started yet
+    slow_reader = RedisTuning(backoff_base=3.0, backoff_cap=3.0)  # its retry comes late
+    try:
+        with trio.fail_after(30):
+            async with node(server.url, slow_reader, operation_timeout=TIMEOUT) as (
+                broker,
+                received,
+            ):
+                assert not broker.bus.positioned
+                server.start()
+                early = await broker.publish("acme", "c", "1", sender="s", key=None, retention=LONG)
+                with pytest.raises(BrokerUnavailable, match="where the bus ends"):
+                    await broker.read_after("acme", "c", "0", 100, LONG)
+                with pytest.raises(BrokerUnavailable, match="where the bus ends"):
+                    await broker.position("acme", "c")
+                await wait_for(lambda: broker.bus.positioned, 10)
+                page = await broker.read_after("acme", "c", "0", 100, LONG)
+                assert [event.id for event in page.events] == [early.event.id]
+                late = await broker.publish("acme", "c", "2", sender="s", key=None, retention=LONG)
+                await received.wait_until(lambda: len(received.items) == 1)
+                assert received.items[0][2] == late.event  # live from where reads left off
+    finally:
+        server.stop()
+
+
 async def test_flushall_makes_old_positions_unrecovered(redis_url: str) -> None:
     client = inspector(redis_url)
     with trio.fail_after(20):

@@ -103,6 +103,12 @@ class BusReader:
         self._start_tails: list[tuple[str, int | None]] | None = None
         """Where to start when known before the first read (else: the ends
         the first connection finds)."""
+        self.positioned = False
+        """Whether the reader knows where it starts (where the bus ended when
+        it first asked). Until then nothing published is known to reach the
+        listener, so a subscription's replay cannot be joined to the live
+        stream without a gap: the broker refuses reads meanwhile (see
+        `RedisBroker._read`)."""
 
     def statistics(self) -> BusStatistics:
         return BusStatistics(
@@ -138,6 +144,7 @@ class BusReader:
                     )
                 if shards is None:
                     start = self._start_tails or tails
+                    self.positioned = True
                     shards = [
                         _Shard(name, position, seq)
                         for name, (position, seq) in zip(self._names, start, strict=True)

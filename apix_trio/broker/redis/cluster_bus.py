@@ -102,6 +102,14 @@ class ClusterBus(BusReader):
     def ok(self, value: bool) -> None:
         pass
 
+    @property  # likewise: every shard's reader must know where it starts
+    def positioned(self) -> bool:
+        return all(reader.positioned for reader in self.readers)
+
+    @positioned.setter
+    def positioned(self, value: bool) -> None:
+        pass
+
     def statistics(self) -> BusStatistics:
         parts = [reader.statistics() for reader in self.readers]
         return BusStatistics(

@@ -26,6 +26,11 @@ Error handling: transport failures and Redis errors become
 `BrokerUnavailable` in `resp` and `batch`; every call gives up after
 `broker.operation_timeout`. Caller mistakes (a malformed `since`, text with
 lone surrogates) raise ValueError subclasses before anything is sent.
+Reads also fail `BrokerUnavailable` until the bus reader has learnt where
+the bus ends (a node started while Redis was unreachable): a subscription
+started before that could miss the events between its replay and the
+reader's start. Found by the fault campaign (a node restarted while
+Sentinel named no master).
 
 Resource handling: the nursery and both connections belong to
 `open_redis_broker` and are closed when it exits; calls still queued or in
@@ -46,6 +51,7 @@ import trio
 from apix_trio.broker.events import Broker
 from apix_trio.broker.model import (
     TOMBSTONE_GRACE,
+    BrokerUnavailable,
     ChannelInfo,
     Listener,
     Page,
@@ -99,6 +105,7 @@ class _EncodedKeys:
 
 
 _KEY_CACHE_SIZE = 65_536
+NOT_POSITIONED = "the bus reader does not know where the bus ends yet (Redis unreachable so far)"
 
 
 def _ms(seconds: float) -> int:
@@ -269,6 +276,11 @@ class RedisBroker(Broker):
     async def _read(
         self, org: str, channel: str, mode: str, since: str, limit: int
     ) -> tuple[str, str, int, list[Any]]:
+        if not self.bus.positioned:
+            # A replay (or a subscription's starting position) read now could
+            # end before where the bus reader will start, and the events in
+            # between would reach neither: refuse until the reader knows.
+            raise BrokerUnavailable(NOT_POSITIONED)
         keys = self._keys(org, channel)
         args = (mode.encode(), since.encode(), b"%d" % max(0, limit))
         reply = await self.scripts.call(READ, keys.read, args, write=False, durable_read=True)

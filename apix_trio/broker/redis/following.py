@@ -138,6 +138,7 @@ class FollowingBusReader(BusReader):
             first = await open_connection(master, decode=False)
             try:
                 self._start_tails = await BusReader._tails(self, first)
+                self.positioned = True
             finally:
                 await first.aclose()
         replica = await self._replica_of(master)
