@@ -234,8 +234,7 @@ class Connection:
 
     def send_text(self, text: str) -> None:
         """Queue a reply or push; a full outbox closes the connection (4009)."""
-        if not self._deliver(text_frame_str(text), None, None, None):
-            self._slow_consumer()
+        self.enqueue_event(text_frame_str(text), None)
 
     def enqueue_event(
         self,
@@ -244,33 +243,56 @@ class Connection:
         tracker: SentTracker | None = None,
         event_id: StreamId | None = None,
     ) -> None:
-        """Send or queue an event frame; `tracker.sent_id` becomes `event_id`
-        once written. `ts` None: not an event (a presence push), so it is
-        neither counted as delivered nor timed."""
-        if not self._deliver(frame, ts, tracker, event_id):
-            self._slow_consumer()
+        """Write or queue an event frame; `tracker.sent_id` becomes `event_id`
+        once written. `ts` None: not an event (a reply, a presence push), so
+        it is neither counted as delivered nor timed. A full outbox closes
+        the connection (4009).
 
-    def _deliver(
-        self,
-        frame: bytes,
-        ts: int | None,
-        tracker: SentTracker | None,
-        event_id: StreamId | None,
-    ) -> bool:
-        """Queue the frame and see that it gets written: by the coalescer at
-        the end of this tick, or by the writer task when one is running.
-        False when the outbox is full."""
-        if not self.outbox.put_nowait(frame, ts, tracker, event_id):
-            return False
-        self._written_soon()
-        return True
+        Written at once, without waiting for the coalescer, when `frame` is
+        the one being written at once (`WriteCoalescer.direct_frame`, or it
+        becomes that one: `begin_direct`) and nothing of this connection is
+        queued or being written: then nothing can be overtaken. Whatever the
+        socket does not take is queued first, for the writer task. Otherwise
+        queued, and written by the coalescer at the end of this tick, or by
+        the writer task when one is running."""
+        outbox = self.outbox
+        coalescer = self.hub.coalescer
+        coalescer.added += 1
+        if (
+            (frame is coalescer.direct_frame or (coalescer.idle and coalescer.begin_direct(frame)))
+            and not self._flush_marked
+            and not self._writer_running
+            and not len(outbox)
+            and outbox.accepting
+        ):
+            written = self.ws.try_send_nowait(frame)
+            if written == len(frame):
+                if ts is not None:
+                    counts = self.hub.tally.counts
+                    identity = self.identity
+                    key = (identity.org if identity is not None else "", ts)
+                    counts[key] = counts.get(key, 0) + 1
+                if tracker is not None and event_id is not None:
+                    tracker.sent_id = event_id
+                return
+            # An empty outbox takes any one frame: the rest goes out first.
+            outbox.put_nowait(frame[written:] if written else frame, ts, tracker, event_id)
+            self._start_writer()
+            return
+        if not outbox.put_nowait(frame, ts, tracker, event_id):
+            self._slow_consumer()
+            return
+        if self._flush_marked or self._writer_running:
+            return
+        if self.ws.can_send_nowait:
+            self._flush_marked = True
+            coalescer.mark(self)
+        else:
+            self._start_writer()
 
     def _send_control(self, frame: bytes) -> None:
         """Queue a ping or pong in order with the data frames (no limits)."""
         self.outbox.put_control(frame)
-        self._written_soon()
-
-    def _written_soon(self) -> None:
         coalescer = self.hub.coalescer
         coalescer.added += 1
         if self._flush_marked or self._writer_running:
@@ -289,7 +311,7 @@ class Connection:
         if self._writer_running or not len(outbox):
             return
         batch = outbox.take_batch(FLUSH_BYTES)
-        data = batch[0].frame if len(batch) == 1 else b"".join(item.frame for item in batch)
+        data = batch[0][0] if len(batch) == 1 else b"".join([item[0] for item in batch])
         written = self.ws.try_send_nowait(data)
         if written == len(data):
             self._account(batch)
@@ -299,14 +321,14 @@ class Connection:
             return
         sent: list[Queued] = []
         for index, item in enumerate(batch):
-            size = len(item.frame)
+            size = len(item[0])
             if written >= size:
                 written -= size
                 sent.append(item)
                 continue
             rest = batch[index:]
             if written:
-                rest[0] = item._replace(frame=item.frame[written:])
+                rest[0] = (item[0][written:], item[1], item[2], item[3])
             outbox.push_front(rest)
             break
         self._account(sent)
@@ -318,13 +340,12 @@ class Connection:
         positions."""
         counts = self.hub.tally.counts
         org = self.identity.org if self.identity is not None else ""
-        for item in batch:
-            event_ts = item.event_ts
+        for _frame, event_ts, tracker, event_id in batch:
             if event_ts is not None:
                 key = (org, event_ts)
                 counts[key] = counts.get(key, 0) + 1
-            if item.tracker is not None and item.event_id is not None:
-                item.tracker.sent_id = item.event_id
+            if tracker is not None and event_id is not None:
+                tracker.sent_id = event_id
 
     def _slow_consumer(self) -> None:
         if not self._closing:
@@ -569,7 +590,7 @@ class Connection:
         try:
             with scope:
                 while batch := outbox.take_batch():
-                    await self.ws.send_raw_frames(b"".join(item.frame for item in batch))
+                    await self.ws.send_raw_frames(b"".join([item[0] for item in batch]))
                     self._account(batch)
                     self.hub.tally.commit()
         except (trio.BrokenResourceError, trio.ClosedResourceError):

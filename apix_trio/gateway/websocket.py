@@ -16,7 +16,9 @@ Two ways to write:
   write holds the socket, after our close frame, or on a stream that is not
   a plain socket (TLS, tests' memory streams).
 - awaited writes (`send_raw_frames`, the handshake answer, the close frame)
-  go through one lock and run shielded under their own deadline
+  go through one lock (made at the first write that has to wait for the
+  socket: most connections never need it) and run shielded under their own
+  deadline
   (`send_timeout`): a write is never cut in half by cancellation (which
   would corrupt the framing), and a peer that stops reading cannot hold a
   write forever. A write that misses its deadline marks the socket broken
@@ -130,6 +132,7 @@ class ServerWebSocket:
         "_size",
         "_trailing",
         "_write_scope",
+        "_writers",
         "_ws",
         "accepted",
         "close_sent",
@@ -155,7 +158,10 @@ class ServerWebSocket:
         self.send_control: Callable[[bytes], None] | None = None
         self._ws: FrameConnection | None = None
         self._trailing = b""
-        self._send_lock = trio.StrictFIFOLock()
+        self._send_lock: trio.StrictFIFOLock | None = None  # made when first needed
+        # Awaited writes holding or waiting for the lock: while non-zero,
+        # nothing may be written around them (`try_send_nowait` writes 0).
+        self._writers = 0
         self._events: Iterator[Event] = iter(())
         self._parts: list[str] = []
         self._size = 0
@@ -225,7 +231,7 @@ class ServerWebSocket:
         if self._broken:
             raise trio.BrokenResourceError("socket write timed out earlier")
         fd = self._fd
-        if fd is not None and not self._send_lock.locked():
+        if fd is not None and not self._writers:
             # Small writes (the 101, a close frame) nearly always fit in the
             # socket buffer: no lock, no cancel scope, no task switch.
             try:
@@ -243,22 +249,31 @@ class ServerWebSocket:
         await self._send_locked(data)
 
     async def _send_locked(self, data: bytes) -> None:
-        async with self._send_lock:
-            # The write we queued behind may have timed out meanwhile: do not
-            # wait out a second send_timeout on the same dead peer.
-            if self._broken:
-                raise trio.BrokenResourceError("socket write timed out earlier")
-            deadline = min(trio.current_time() + self.send_timeout, self._deadline)
-            with trio.move_on_at(deadline) as scope:
-                scope.shield = True
-                self._write_scope = scope
-                try:
-                    await self.stream.send_all(data)
-                finally:
-                    self._write_scope = None
-            if scope.cancelled_caught:
-                self._broken = True
-                raise trio.BrokenResourceError("peer did not take data in time")
+        if self._send_lock is None:
+            self._send_lock = trio.StrictFIFOLock()
+        # Counted from before the lock is asked for until the write is done,
+        # so `try_send_nowait` never writes between this write and the
+        # bytes queued before it, nor while the lock passes to a waiter.
+        self._writers += 1
+        try:
+            async with self._send_lock:
+                # The write we queued behind may have timed out meanwhile: do
+                # not wait out a second send_timeout on the same dead peer.
+                if self._broken:
+                    raise trio.BrokenResourceError("socket write timed out earlier")
+                deadline = min(trio.current_time() + self.send_timeout, self._deadline)
+                with trio.move_on_at(deadline) as scope:
+                    scope.shield = True
+                    self._write_scope = scope
+                    try:
+                        await self.stream.send_all(data)
+                    finally:
+                        self._write_scope = None
+                if scope.cancelled_caught:
+                    self._broken = True
+                    raise trio.BrokenResourceError("peer did not take data in time")
+        finally:
+            self._writers -= 1
 
     def set_deadline(self, deadline: float) -> None:
         """No write may run past `deadline` (trio time), the one in flight included.
@@ -284,13 +299,7 @@ class ServerWebSocket:
         written, ahead of anything else.
         """
         fd = self._fd
-        if (
-            fd is None
-            or not self.accepted
-            or self._broken
-            or self.close_sent
-            or self._send_lock.locked()
-        ):
+        if fd is None or not self.accepted or self._broken or self.close_sent or self._writers:
             return 0
         try:
             return os.write(fd, data)
