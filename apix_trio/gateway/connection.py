@@ -446,6 +446,8 @@ class Connection:
 
     async def _send_close(self) -> bool:
         """Send our close frame; False when the socket is dead (no reply can come)."""
+        if self.ws.broken:  # e.g. reset by the peer: the write could only fail
+            return False
         code = self.close_code or CloseCode.NORMAL
         try:
             await self.ws.send_close(code, self.close_reason)

@@ -105,11 +105,18 @@ async def handle_stream(hub: Hub, stream: trio.abc.Stream) -> None:
     """Serve one accepted TCP stream to its end; never raises.
 
     Resource handling: the stream is closed and any connection slot taken
-    for it is released before this returns.
+    for it is released before this returns (the accept loop runs this as
+    the stream's task and relies on it: it does not close the stream again).
     """
-    ws = ServerWebSocket(
-        stream, max_message_bytes=hub.settings.limits.max_message_bytes, send_timeout=SEND_TIMEOUT
-    )
+    try:
+        ws = ServerWebSocket(
+            stream,
+            max_message_bytes=hub.settings.limits.max_message_bytes,
+            send_timeout=SEND_TIMEOUT,
+        )
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
     conn_id = new_connection_id()
     try:
         opened, identity = await _handshake(hub, ws, conn_id)

@@ -28,7 +28,11 @@ Two ways to write:
   shutdown: nothing may outlive the grace period, not even a shielded write
   to a peer that stopped reading).
 
-`next_message` is the only reader. It hands pongs to send to `send_control`
+`next_message` is the only reader. On a plain socket it reads the
+descriptor itself (a non-blocking `recv`, else `wait_readable`), with the
+same checkpoints as trio's `receive_some`: an idle connection then waits
+four coroutine frames deep instead of eight, about 1 KB less for every idle
+connection and a few microseconds less per read. It hands pongs to send to `send_control`
 (the connection queues them in order with its data frames), reports pongs
 through `on_pong`, reassembles fragmented text messages up to
 `max_message_bytes`, and turns protocol violations into `ProtocolClose`
@@ -187,8 +191,8 @@ class ServerWebSocket:
         buffer = b""
         while True:
             try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except trio.BrokenResourceError as exc:
+                data = await self._receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise HandshakeFailed("connection lost during handshake") from exc
             if not data:
                 raise HandshakeFailed("connection closed during handshake")
@@ -318,6 +322,12 @@ class ServerWebSocket:
     async def send_ping(self, payload: bytes) -> None:
         await self._send(self.ping_frame(payload))
 
+    @property
+    def broken(self) -> bool:
+        """The socket failed (a read error such as a reset, or a write that
+        timed out): every write raises `trio.BrokenResourceError`."""
+        return self._broken
+
     async def send_close(self, code: int, reason: str = "") -> None:
         """Send our close frame once; later calls do nothing."""
         ws = self._ws
@@ -346,7 +356,7 @@ class ServerWebSocket:
                 if message is not None:
                     return message
             try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
+                data = await self._receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise PeerClosed(None, "connection lost") from exc
             if not data:
@@ -355,6 +365,42 @@ class ServerWebSocket:
             # Lazily: wsproto updates its state frame by frame, so pings before
             # a close frame in the same read are still answered (RFC 6455 5.5.2).
             self._events = ws.events()
+
+    async def _receive(self) -> bytes | bytearray:
+        """At most RECEIVE_SIZE bytes from the peer; b"" at the end of the stream.
+
+        What `receive_some` promises, on the descriptor directly for a plain
+        socket: a cancelled caller is told so before anything is read, data
+        that was read is never lost to a cancellation, and every call is a
+        checkpoint (a peer that floods cannot starve other tasks). Raises
+        `trio.BrokenResourceError` on a socket error, `trio.ClosedResourceError`
+        once the socket was closed here.
+        """
+        fd = self._fd
+        if fd is None:
+            return await self.stream.receive_some(RECEIVE_SIZE)
+        # trio's own sandwich (`_nonblocking_helper`): try at once, and only
+        # when the socket has nothing wait for it.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = os.read(fd, RECEIVE_SIZE)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._broken = True  # reset or failed: no write can succeed either
+            raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        while True:
+            await trio.lowlevel.wait_readable(fd)  # ClosedResourceError if closed meanwhile
+            try:
+                return os.read(fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self._broken = True
+                raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
 
     async def _handle(self, ws: FrameConnection, event: Event) -> str | None:
         if isinstance(event, TextMessage):
