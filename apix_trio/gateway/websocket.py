@@ -128,6 +128,7 @@ class ServerWebSocket:
 
     __slots__ = (
         "_broken",
+        "_closed",
         "_deadline",
         "_events",
         "_fd",
@@ -170,6 +171,7 @@ class ServerWebSocket:
         self._parts: list[str] = []
         self._size = 0
         self._broken = False
+        self._closed = False
         self._deadline = math.inf
         self._write_scope: trio.CancelScope | None = None
         self.close_sent = False
@@ -451,10 +453,22 @@ class ServerWebSocket:
         return None
 
     async def aclose(self) -> None:
-        """Close the TCP stream (never raises)."""
+        """Close the stream (never raises; a second call does nothing).
+
+        A plain socket is closed at once (what `SocketStream.aclose` does,
+        minus its checkpoint: no cancel scope needed); other streams (TLS)
+        are closed shielded from cancellation.
+        """
+        if self._closed:
+            return
+        self._closed = True
         self._fd = None  # the descriptor number may be reused at once
+        stream = self.stream
+        if isinstance(stream, trio.SocketStream):
+            stream.socket.close()  # wakes any task waiting on it, then closes
+            return
         with trio.CancelScope(shield=True):
             try:
-                await self.stream.aclose()
+                await stream.aclose()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
