@@ -422,6 +422,7 @@ class Connection:
         finally:
             self._nursery = None
             self._cleanup()
+            self.ws.unlink()  # no cycle left: freed by refcounting, not the cyclic GC
             await self.ws.aclose()
 
     async def _close(self, nursery: trio.Nursery) -> None:

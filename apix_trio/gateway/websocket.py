@@ -452,6 +452,16 @@ class ServerWebSocket:
             raise ProtocolClose(event.code, event.reason or "protocol error")
         return None
 
+    def unlink(self) -> None:
+        """Drop the callbacks into the connection (`on_pong`, `send_control`).
+
+        They make a reference cycle (connection -> websocket -> bound method
+        -> connection): left in place, every closed connection's objects
+        wait for the cyclic garbage collector, whose collections then cost
+        CPU in proportion to the connection rate."""
+        self.on_pong = _no_pong
+        self.send_control = None
+
     async def aclose(self) -> None:
         """Close the stream (never raises; a second call does nothing).
 
