@@ -11,7 +11,8 @@
   DIRECT_AFTER_IDLE of idleness (MockClock), and the round after it commits
   the tally; on real sockets a lone event is written to every subscriber
   from within its dispatch, the burst behind it is still merged, and an
-  event written at once to others queues behind a full subscriber's frames.
+  event written at once to others queues behind a full subscriber's frames;
+  with a Bearer header the 101 and the `connected` push share one write.
 """
 
 from __future__ import annotations
@@ -380,3 +381,32 @@ async def test_an_event_written_at_once_never_overtakes_queued_frames(tmp_path, 
             # The slow subscriber reads again: every event once, in order.
             seen = [(await slow.recv() or {})["event"]["data"][0] for _ in range(sent)]
             assert seen == list(range(1, sent + 1))
+
+
+async def test_header_auth_answers_101_and_connected_in_one_write(tmp_path, monkeypatch):
+    """With a Bearer header, the 101 waits for the `connected` push and both
+    leave in one system call; the client sees a normal upgrade and push."""
+    log = WriteLog(monkeypatch)
+    awaited: list[int] = []
+    real_send = ServerWebSocket._send
+
+    async def counting_send(ws: ServerWebSocket, data: bytes) -> None:
+        awaited.append(id(ws))
+        await real_send(ws, data)
+
+    monkeypatch.setattr(ServerWebSocket, "_send", counting_send)
+    async with running_server(tmp_path) as kit:
+        with trio.fail_after(30):
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", kit.running.ws_port))
+            client = MemClient(trio.SocketStream(sock))
+            await client.handshake([(b"authorization", f"Bearer {kit.token()}".encode())])
+            pushed = await client.recv()
+            assert pushed is not None and pushed["push"] == "connected"
+            conn = kit.hub.registry.get(pushed["conn"])
+            assert conn is not None
+            assert id(conn.ws) not in awaited  # no write of its own for the 101
+            [(flushing, written)] = log.of(conn.ws)
+            assert not flushing and written > 0
+            reply = await client.call("subscribe", channel="mix.after")
+            assert reply["ok"]

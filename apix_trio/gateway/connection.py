@@ -233,8 +233,32 @@ class Connection:
     # -- outbound --------------------------------------------------------------
 
     def send_text(self, text: str) -> None:
-        """Queue a reply or push; a full outbox closes the connection (4009)."""
-        self.enqueue_event(text_frame_str(text), None)
+        """Write or queue a reply or push; a full outbox closes the connection
+        (4009).
+
+        Written at once when nothing of this connection is queued or being
+        written and no command waits behind the one being answered: no
+        other frame of this connection is coming that could share its write
+        (a reply goes to one connection, unlike an event's frame), so
+        waiting for the coalescer would only delay it. Otherwise queued
+        like an event's frame (`enqueue_event`)."""
+        frame = text_frame_str(text)
+        outbox = self.outbox
+        if (
+            not self._ops
+            and not self._flush_marked
+            and not self._writer_running
+            and not len(outbox)
+            and outbox.accepting
+        ):
+            written = self.ws.try_send_nowait(frame)
+            if written == len(frame):
+                return
+            # An empty outbox takes any one frame: the rest goes out first.
+            outbox.put_nowait(frame[written:] if written else frame)
+            self._start_writer()
+            return
+        self.enqueue_event(frame, None)
 
     def enqueue_event(
         self,

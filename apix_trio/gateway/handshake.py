@@ -96,7 +96,8 @@ async def _handshake(
             hub.metrics.handshake_rejections.labels(status=str(exc.status)).inc()
             await ws.reject(exc.status, exc.message + "\n")
             return False, None
-        await ws.accept(request, subprotocol)
+        # With header auth the `connected` push follows at once: one write for both.
+        await ws.accept(request, subprotocol, with_next_write=identity is not None)
         return True, identity
     return False, None
 

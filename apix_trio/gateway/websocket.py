@@ -132,6 +132,7 @@ class ServerWebSocket:
         "_deadline",
         "_events",
         "_fd",
+        "_head",
         "_parts",
         "_send_lock",
         "_size",
@@ -163,6 +164,7 @@ class ServerWebSocket:
         self.send_control: Callable[[bytes], None] | None = None
         self._ws: FrameConnection | None = None
         self._trailing = b""
+        self._head = b""  # the 101 answer, when it waits for the first frame
         self._send_lock: trio.StrictFIFOLock | None = None  # made when first needed
         # Awaited writes holding or waiting for the lock: while non-zero,
         # nothing may be written around them (`try_send_nowait` writes 0).
@@ -211,10 +213,22 @@ class ServerWebSocket:
             self._trailing = buffer[end:]
             return request
 
-    async def accept(self, request: UpgradeRequest, subprotocol: str | None) -> None:
-        """Answer 101 and switch to WebSocket frames."""
+    async def accept(
+        self, request: UpgradeRequest, subprotocol: str | None, *, with_next_write: bool = False
+    ) -> None:
+        """Answer 101 and switch to WebSocket frames.
+
+        `with_next_write`: the caller writes a frame right after (the
+        `connected` push of a header-authenticated connection), so the 101
+        is kept and goes out in front of the next write, in the same system
+        call, instead of in one of its own. Every later write puts it first.
+        """
         self._ws = _frame_connection()
-        await self._send(accept_response(request.key, subprotocol))
+        response = accept_response(request.key, subprotocol)
+        if with_next_write:
+            self._head = response
+        else:
+            await self._send(response)
         self.accepted = True
         if self._trailing:
             self._ws.receive_data(self._trailing)
@@ -236,6 +250,9 @@ class ServerWebSocket:
     async def _send(self, data: bytes) -> None:
         if self._broken:
             raise trio.BrokenResourceError("socket write timed out earlier")
+        if self._head:
+            data = self._head + data
+            self._head = b""
         fd = self._fd
         if fd is not None and not self._writers:
             # Small writes (the 101, a close frame) nearly always fit in the
@@ -307,6 +324,17 @@ class ServerWebSocket:
         fd = self._fd
         if fd is None or not self.accepted or self._broken or self.close_sent or self._writers:
             return 0
+        head = self._head
+        if head:  # the 101 answer, kept by `accept` to go out with this write
+            try:
+                written = os.write(fd, head + data)
+            except OSError:
+                return 0
+            if written < len(head):
+                self._head = head[written:]
+                return 0
+            self._head = b""
+            return written - len(head)
         try:
             return os.write(fd, data)
         except OSError:  # BlockingIOError included: the socket is full
