@@ -30,7 +30,9 @@ large writes: only its first frame goes out on its own. A frame arriving
 sooner after the last flush is coalesced: in a steady stream (publishes
 pipelined by their publisher, each sent as soon as earlier ones were
 delivered) the next event is usually a moment behind, and one write for
-both costs half the system calls of one each. The coalescer still runs one
+both costs half the system calls of one each. The threshold is well above
+that moment (tens to hundreds of microseconds) so that a scheduling hiccup
+does not split such a stream, and well below the gaps of a sparse one. The coalescer still runs one
 round after a direct write, whose flush commits the delivery tally
 (`after_flush`).
 
@@ -51,7 +53,7 @@ import trio
 from apix_trio.observability.logs import get_logger
 
 MAX_PASSES = 8
-DIRECT_AFTER_IDLE = 0.001
+DIRECT_AFTER_IDLE = 0.005
 """Seconds of idleness after which a frame is written at once (see above)."""
 log = get_logger("apix.coalesce")
 
