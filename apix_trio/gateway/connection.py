@@ -7,7 +7,7 @@ An idle connection is one task and a few small objects. `Connection.run`
 the socket. It decodes frames through the sans-IO `ServerProtocol`, answers
 what needs no I/O (bad frames, unauthenticated ops, rate limits) and queues
 commands; it never waits on the broker, so pings and close frames keep
-flowing. Helpers run in the connection's nursery only while they have work:
+flowing. Helper tasks run only while they have work:
 
 - op worker: started when a command is queued and none is running, gone
   when the queue is empty. It runs commands one at a time, in arrival order
@@ -16,6 +16,16 @@ flowing. Helpers run in the connection's nursery only while they have work:
 - writer: started when a socket write could not complete at once (the
   socket is full, or the stream is not a plain socket), gone once the
   outbox is empty.
+- closing reader: keeps reading while the close procedure waits (below).
+
+The connection has no nursery of its own (one costs every idle connection
+~1.3 KB and every set-up a cancel scope): its helpers are started in the
+nursery its own task runs in (`handle_stream` passes it; on the server,
+the connections nursery), each under a cancel scope the connection keeps.
+The promise of a nursery still holds: `run` cancels every helper still
+running when it ends (normally, by an error or cancelled from outside) and
+waits for them, shielded, before it returns; a helper's error ends the
+connection (1011) and is raised from `run`, not into the shared nursery.
 
 Frames (replies, pushes, events, pongs, pings) are queued in the outbox and
 written by the node's write coalescer (`gateway/coalesce.py`): one `send`
@@ -80,9 +90,12 @@ class Connection:
         "_abuse",
         "_auth_timer",
         "_closing",
+        "_crash",
         "_flush_before_close",
         "_flush_marked",
         "_heartbeat_timer",
+        "_helpers",
+        "_helpers_gone",
         "_joined_org",
         "_nursery",
         "_op_room",
@@ -143,8 +156,16 @@ class Connection:
         self._closing = False
         self._read_scope = trio.CancelScope()
         self._reader_done: trio.Event | None = None  # made when the close begins
-        self._nursery: trio.Nursery | None = None  # None: no more helpers
+        # Where helpers start (the nursery the connection's task runs in);
+        # None: no more helpers.
+        self._nursery: trio.Nursery | None = None
+        # The cancel scopes of the op worker and writer while they run.
         self._work_scopes: list[trio.CancelScope] = []
+        # Every helper's scope (the closing reader's too) while it runs:
+        # `run` cancels them and waits until the list is empty.
+        self._helpers: list[trio.CancelScope] = []
+        self._helpers_gone: trio.Event | None = None  # made when `run` waits
+        self._crash: Exception | None = None  # a helper's error, raised from `run`
         # Commands with the trio time they arrived: the `unavailable` bound
         # counts from arrival, not from when the op worker gets to them. A
         # list (at most OP_QUEUE long), not a deque: 56 bytes idle, not 760.
@@ -421,8 +442,14 @@ class Connection:
 
     # -- lifecycle -------------------------------------------------------------
 
-    async def run(self, *, header_identity: Identity | None = None) -> None:
+    async def run(
+        self, helpers: trio.Nursery, *, header_identity: Identity | None = None
+    ) -> None:
         """Serve the connection until it closes; never raises for client faults.
+
+        `helpers`: the nursery to start helper tasks in, one that outlives
+        this call (the nursery this task runs in). None of them outlives
+        this call: see the module docstring. A helper's error is raised here.
 
         Resource handling: registers with the hub's registry and removes every
         trace (router entries, org count, gauges, timer entries) in `finally`,
@@ -433,28 +460,32 @@ class Connection:
         hub.metrics.connections.inc()
         hub.metrics.connections_total.inc()
         self.log.info("connect")
+        self._nursery = helpers
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._start_timers(header_identity)
-                if header_identity is not None:
-                    self.authenticate(header_identity)
-                    self.send_text(encode_push("connected", **self.auth_result()))
-                with self._read_scope:
-                    await self._read_loop()
-                await self._close(nursery)
+            self._start_timers(header_identity)
+            if header_identity is not None:
+                self.authenticate(header_identity)
+                self.send_text(encode_push("connected", **self.auth_result()))
+            with self._read_scope:
+                await self._read_loop()
+            await self._close()
         finally:
             self._nursery = None
+            if self._helpers:
+                await self._end_helpers()
             self._cleanup()
             self.ws.unlink()  # no cycle left: freed by refcounting, not the cyclic GC
             await self.ws.aclose()
+        if self._crash is not None:
+            crash, self._crash = self._crash, None
+            raise crash
 
-    async def _close(self, nursery: trio.Nursery) -> None:
+    async def _close(self) -> None:
         """The close procedure, once `request_close` was called."""
         reader_done = self._reader_done
         if reader_done is None:  # the reader was interrupted: keep reading meanwhile
             reader_done = self._reader_done = trio.Event()
-            nursery.start_soon(self._read_loop)
+            self._spawn(self._read_loop, work=False)
         if self._flush_before_close:
             with trio.move_on_after(FLUSH_WAIT):
                 await self.outbox.wait_empty()
@@ -467,7 +498,18 @@ class Connection:
             if len(self.outbox):  # our answer to the peer's close frame
                 with trio.move_on_after(FLUSH_WAIT):
                     await self.outbox.wait_empty()
-        nursery.cancel_scope.cancel()
+
+    async def _end_helpers(self) -> None:
+        """Cancel the helpers still running and wait until they are gone,
+        shielded: whatever ends the connection, it outlives none of them (a
+        socket write in progress finishes, bounded by its send timeout)."""
+        for scope in self._helpers:
+            scope.cancel()
+        with trio.CancelScope(shield=True):
+            while self._helpers:
+                gone = self._helpers_gone = trio.Event()
+                await gone.wait()
+        self._helpers_gone = None
 
     async def _send_close(self) -> bool:
         """Send our close frame; False when the socket is dead (no reply can come)."""
@@ -513,18 +555,39 @@ class Connection:
             duration=round(trio.current_time() - self.opened_at, 3),
         )
 
-    def _spawn(self, fn: Callable[[trio.CancelScope], Awaitable[None]]) -> bool:
-        """Start a helper in the connection's nursery; False once closing."""
+    def _spawn(self, fn: Callable[[], Awaitable[None]], *, work: bool = True) -> bool:
+        """Start a helper; False once closing. `work`: the op worker or the
+        writer, which the close procedure cancels before its close frame."""
         nursery = self._nursery
         if nursery is None:
             return False
         scope = trio.CancelScope()
         try:
-            nursery.start_soon(fn, scope)
+            nursery.start_soon(self._helper, fn, scope)
         except RuntimeError:  # the nursery is already closing
             return False
-        self._work_scopes.append(scope)
+        self._helpers.append(scope)
+        if work:
+            self._work_scopes.append(scope)
         return True
+
+    async def _helper(self, fn: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+        """Run one helper: its cancellation stays in its scope, and its error
+        ends this connection (1011) and is raised from `run`, not into the
+        nursery the connection shares with others."""
+        try:
+            with scope:
+                await fn()
+        except Exception as exc:
+            if self._crash is None:
+                self._crash = exc
+            self.request_close(CloseCode.INTERNAL_ERROR, flush=False)
+        finally:
+            if scope in self._work_scopes:
+                self._work_scopes.remove(scope)
+            self._helpers.remove(scope)
+            if not self._helpers and self._helpers_gone is not None:
+                self._helpers_gone.set()
 
     # -- reader ----------------------------------------------------------------
 
@@ -593,39 +656,34 @@ class Connection:
 
     # -- helpers ---------------------------------------------------------------
 
-    async def _op_worker(self, scope: trio.CancelScope) -> None:
+    async def _op_worker(self) -> None:
         run_command = self.hub.commands
         ops = self._ops
         try:
-            with scope:
-                while ops:
-                    command, received_at = ops.pop(0)
-                    if self._op_room is not None:
-                        self._op_room.unpark()
-                    self.received_at = received_at
-                    await run_command(self, command, received_at)
+            while ops:
+                command, received_at = ops.pop(0)
+                if self._op_room is not None:
+                    self._op_room.unpark()
+                self.received_at = received_at
+                await run_command(self, command, received_at)
         finally:
             self._worker_running = False
-            self._work_scopes.remove(scope)
 
     def _start_writer(self) -> None:
         if not self._writer_running and len(self.outbox):
             self._writer_running = self._spawn(self._write_loop)
 
-    async def _write_loop(self, scope: trio.CancelScope) -> None:
+    async def _write_loop(self) -> None:
         outbox = self.outbox
         try:
-            with scope:
-                while batch := outbox.take_batch():
-                    await self.ws.send_raw_frames(b"".join([item[0] for item in batch]))
-                    self._account(batch)
-                    self.hub.tally.commit()
+            while batch := outbox.take_batch():
+                await self.ws.send_raw_frames(b"".join([item[0] for item in batch]))
+                self._account(batch)
+                self.hub.tally.commit()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.request_close(1006, "connection lost", flush=False)
         finally:
             self._writer_running = False
-            self._work_scopes.remove(scope)
-
     # -- timers ----------------------------------------------------------------
 
     def _start_timers(self, header_identity: Identity | None) -> None:

@@ -108,6 +108,8 @@ async def handle_stream(hub: Hub, stream: trio.abc.Stream) -> None:
     Resource handling: the stream is closed and any connection slot taken
     for it is released before this returns (the accept loop runs this as
     the stream's task and relies on it: it does not close the stream again).
+    The connection's helper tasks run in the nursery this task was started
+    in, and `Connection.run` returns only once they are gone.
     """
     try:
         ws = ServerWebSocket(
@@ -122,7 +124,13 @@ async def handle_stream(hub: Hub, stream: trio.abc.Stream) -> None:
     try:
         opened, identity = await _handshake(hub, ws, conn_id)
         if opened:
-            await Connection(hub, ws, conn_id=conn_id).run(header_identity=identity)
+            conn = Connection(hub, ws, conn_id=conn_id)
+            helpers = trio.lowlevel.current_task().parent_nursery
+            if helpers is None:  # the root task: no nursery around it to share
+                async with trio.open_nursery() as helpers:
+                    await conn.run(helpers, header_identity=identity)
+            else:
+                await conn.run(helpers, header_identity=identity)
     except (HandshakeFailed, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     except Exception:
