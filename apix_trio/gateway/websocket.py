@@ -4,7 +4,13 @@ Theory of operation
 -------------------
 The upgrade request is read and answered here with `gateway/upgrade.py` (no
 h11); after the upgrade only wsproto's frame layer (`wsproto.connection.
-Connection`) is kept, to parse incoming frames and build control frames.
+Connection`) is kept, to parse incoming frames, made when the first bytes
+after the upgrade arrive: a connection that has received nothing (a new
+one, or one that is cut before its first frame) has no parser, which costs
+~1 KB and a few microseconds of set-up. Until then pings and our close
+frame are built by one shared, stateless frame builder (`_CONTROL`); a
+parser made after our close frame went out is told so, so it expects the
+peer's answer (`_frame_connection`).
 Data frames going out are built once per message by `apix_trio.protocol.wire`
 and written as raw bytes, so an event's frame bytes are shared by every
 subscriber.
@@ -58,6 +64,7 @@ from wsproto.events import (
     Pong,
     TextMessage,
 )
+from wsproto.frame_protocol import FrameProtocol
 
 from apix_trio.gateway.upgrade import (
     BadUpgrade,
@@ -115,12 +122,25 @@ class _PendingEvents(list[Event]):
         return self.pop(0)
 
 
-def _frame_connection() -> FrameConnection:
-    """wsproto's frame layer for a server socket, with `_PendingEvents`."""
+def _frame_connection(*, close_sent: bool = False) -> FrameConnection:
+    """wsproto's frame layer for a server socket, with `_PendingEvents`.
+
+    `close_sent`: our close frame was already written (by `_CONTROL`): the
+    parser is moved to the state that sending it would have left (its bytes
+    are dropped), so the peer's close frame completes the closing handshake
+    instead of starting one."""
     connection = FrameConnection(ConnectionType.SERVER)
     if isinstance(getattr(connection, "_events", None), deque):  # the wsproto we know
         connection._events = _PendingEvents()  # type: ignore[assignment]
+    if close_sent:
+        connection.send(CloseConnection(code=CloseCode.NORMAL))
     return connection
+
+
+# Builds server control frames (unmasked, no extensions): `ping` and `close`
+# keep no state between calls, so one instance serves every connection that
+# has no parser of its own yet.
+_CONTROL = FrameProtocol(client=False, extensions=[])
 
 
 class ServerWebSocket:
@@ -223,7 +243,6 @@ class ServerWebSocket:
         is kept and goes out in front of the next write, in the same system
         call, instead of in one of its own. Every later write puts it first.
         """
-        self._ws = _frame_connection()
         response = accept_response(request.key, subprotocol)
         if with_next_write:
             self._head = response
@@ -231,8 +250,9 @@ class ServerWebSocket:
             await self._send(response)
         self.accepted = True
         if self._trailing:
-            self._ws.receive_data(self._trailing)
-            self._events = self._ws.events()
+            ws = self._ws = _frame_connection()
+            ws.receive_data(self._trailing)
+            self._events = ws.events()
             self._trailing = b""
 
     async def reject(self, status: int, body: str) -> None:
@@ -346,7 +366,9 @@ class ServerWebSocket:
 
     def ping_frame(self, payload: bytes) -> bytes:
         """The bytes of a ping frame (to queue in order with data frames)."""
-        assert self._ws is not None
+        assert self.accepted, "not accepted"
+        if self._ws is None:  # nothing received yet: the connection is open
+            return bytes(_CONTROL.ping(payload))
         return self._ws.send(Ping(payload=payload))
 
     async def send_ping(self, payload: bytes) -> None:
@@ -361,11 +383,13 @@ class ServerWebSocket:
     async def send_close(self, code: int, reason: str = "") -> None:
         """Send our close frame once; later calls do nothing."""
         ws = self._ws
-        if (
-            ws is None
-            or self.close_sent
-            or ws.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)
-        ):
+        if not self.accepted or self.close_sent:
+            return
+        if ws is None:  # nothing received yet: the connection is open
+            self.close_sent = True
+            await self._send(bytes(_CONTROL.close(code, reason)))
+            return
+        if ws.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
             return
         self.close_sent = True
         await self._send(ws.send(CloseConnection(code=code, reason=reason)))
@@ -378,19 +402,22 @@ class ServerWebSocket:
         Raises ProtocolClose (binary frame 1003, too large 1009, malformed
         frames 1002/1007), PeerClosed (close frame or end of stream).
         """
-        ws = self._ws
-        assert ws is not None, "not accepted"
+        assert self.accepted, "not accepted"
         while True:
-            for event in self._events:
-                message = await self._handle(ws, event)
-                if message is not None:
-                    return message
+            ws = self._ws
+            if ws is not None:
+                for event in self._events:
+                    message = await self._handle(ws, event)
+                    if message is not None:
+                        return message
             try:
                 data = await self._receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise PeerClosed(None, "connection lost") from exc
             if not data:
                 raise PeerClosed(None, "end of stream")
+            if ws is None:
+                ws = self._ws = _frame_connection(close_sent=self.close_sent)
             ws.receive_data(bytes(data))
             # Lazily: wsproto updates its state frame by frame, so pings before
             # a close frame in the same read are still answered (RFC 6455 5.5.2).
