@@ -48,6 +48,7 @@ reading. Cleanup (router, registry, metrics, timers) is synchronous in
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 
@@ -130,7 +131,14 @@ class Connection:
         "ws",
     )
 
-    def __init__(self, hub: Hub, ws: ServerWebSocket, *, conn_id: str | None = None) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        ws: ServerWebSocket,
+        *,
+        conn_id: str | None = None,
+        peer: str | None = None,
+    ) -> None:
         settings = hub.settings
         self.hub = hub
         self.ws = ws
@@ -150,7 +158,8 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.opened_at = trio.current_time()
-        self.peer = auditing.peer_address(ws.stream)  # the audit trail's `ip`
+        # The audit trail's `ip` (the handshake has looked it up already).
+        self.peer = auditing.peer_address(ws.stream) if peer is None else peer
         self.claimed: tuple[str, str] | None = None  # org/sub of a verified token refused later
         self.received_at = 0.0  # arrival of the command the op worker runs
         self._closing = False
@@ -459,7 +468,8 @@ class Connection:
         hub.registry.add(self)
         hub.metrics.connections.inc()
         hub.metrics.connections_total.inc()
-        self.log.info("connect")
+        if hub.log.is_enabled_for(logging.INFO):  # skips binding a logger that drops the line
+            self.log.info("connect")
         self._nursery = helpers
         try:
             self._start_timers(header_identity)
@@ -547,13 +557,14 @@ class Connection:
         hub.directory.closed(self.id)
         hub.metrics.connections.dec()
         code = self.close_code if self.close_code is not None else 1006
-        hub.metrics.closes.labels(code=str(code)).inc()
-        self.log.info(
-            "close",
-            code=code,
-            reason=self.close_reason,
-            duration=round(trio.current_time() - self.opened_at, 3),
-        )
+        hub.metrics.count_close(code)
+        if hub.log.is_enabled_for(logging.INFO):
+            self.log.info(
+                "close",
+                code=code,
+                reason=self.close_reason,
+                duration=round(trio.current_time() - self.opened_at, 3),
+            )
 
     def _spawn(self, fn: Callable[[], Awaitable[None]], *, work: bool = True) -> bool:
         """Start a helper; False once closing. `work`: the op worker or the
