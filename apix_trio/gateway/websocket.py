@@ -213,11 +213,16 @@ class ServerWebSocket:
         400 has already been answered) or the peer hung up.
         """
         buffer = b""
+        # The first read comes right after the task started (a scheduling
+        # point already): when the request is there, it is taken without
+        # another trip through the scheduler (`_receive`'s).
+        first = True
         while True:
             try:
-                data = await self._receive()
+                data = await self._receive(first=first)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise HandshakeFailed("connection lost during handshake") from exc
+            first = False
             if not data:
                 raise HandshakeFailed("connection closed during handshake")
             buffer += data
@@ -423,7 +428,7 @@ class ServerWebSocket:
             # a close frame in the same read are still answered (RFC 6455 5.5.2).
             self._events = ws.events()
 
-    async def _receive(self) -> bytes | bytearray:
+    async def _receive(self, *, first: bool = False) -> bytes | bytearray:
         """At most RECEIVE_SIZE bytes from the peer; b"" at the end of the stream.
 
         What `receive_some` promises, on the descriptor directly for a plain
@@ -432,6 +437,11 @@ class ServerWebSocket:
         checkpoint (a peer that floods cannot starve other tasks). Raises
         `trio.BrokenResourceError` on a socket error, `trio.ClosedResourceError`
         once the socket was closed here.
+
+        `first`: the connection task's first read. Its task has just been
+        scheduled, so data that is there already is returned without the
+        trailing checkpoint (still not if cancelled); nothing else may read
+        this way.
         """
         fd = self._fd
         if fd is None:
@@ -447,7 +457,8 @@ class ServerWebSocket:
             self._broken = True  # reset or failed: no write can succeed either
             raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
         else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if not first:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return data
         while True:
             await trio.lowlevel.wait_readable(fd)  # ClosedResourceError if closed meanwhile
