@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 import orjson
 import pytest
+import structlog.testing
 import trio
 import trio.testing
 from wsproto.events import CloseConnection
@@ -400,3 +401,44 @@ async def test_cut_at_any_timer_point_leaves_no_timer_entry(
         if alive is not None:
             gc.collect()
             assert alive() is None, "something still holds the closed connection"
+
+
+# -- helpers: they share the handler's nursery, but none outlives its connection ----
+
+
+async def test_a_helper_error_ends_its_connection_only(tmp_path, autojump_clock, key_dir):
+    """The op worker runs in the nursery the connection's task runs in (no
+    nursery per connection). Its error must not reach that shared nursery:
+    the connection closes with 1011, `handle_stream` logs the crash and
+    returns, the other connection keeps working, and no task is left."""
+    async with memory_hub(tmp_path, **hub_settings(key_dir)) as mem:
+        hub = mem.hub
+        real_commands = hub.commands
+
+        async def commands(conn: Any, command: Any, received_at: float) -> None:
+            if getattr(command, "channel", "") == "big.boom":
+                raise RuntimeError("boom")
+            await real_commands(conn, command, received_at)
+
+        hub.commands = commands
+        async with trio.open_nursery() as nursery:
+            await trio.testing.wait_all_tasks_blocked()
+            baseline = task_names()
+            bystander = await connect_victim(hub, nursery, capacity=1 << 20)
+            victim = await connect_victim(hub, nursery, capacity=1 << 20)
+            for client in (bystander.client, victim.client):
+                assert (await client.call("auth", token=mem.token()))["ok"]
+            with structlog.testing.capture_logs() as logs:
+                boom = {"op": "publish", "id": 9, "channel": "big.boom", "data": 1}
+                await victim.client.send(boom)
+                assert await victim.client.recv() is None
+                await victim.done.wait()
+            assert victim.client.close_code == 1011
+            assert [entry["event"] for entry in logs].count("connection_crashed") == 1
+            assert (await bystander.client.call("publish", channel=CHANNEL, data=1))["ok"]
+            assert len(hub.registry) == 1
+            await end(bystander, "close_frame")
+            await bystander.done.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert task_names() == baseline
+        assert_no_trace(hub, others=0)

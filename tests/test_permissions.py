@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from apix_trio.auth import permissions
 from apix_trio.auth.identity import Identity
 from apix_trio.auth.permissions import (
     BadPattern,
@@ -158,6 +159,26 @@ def test_admin_grants_everything() -> None:
     perms = Permissions.from_identity(identity(roles=("reader", "admin")))
     assert perms.admin
     assert perms.can_subscribe("x.y") and perms.can_publish("x.y") and perms.can_state("k")
+
+
+def test_identities_with_the_same_perms_share_one_permissions() -> None:
+    plain = {"sub": ("chat.>",), "pub": ("chat.*",)}
+    bound = {"sub": ("user.{sub}",)}
+    alice, bob = identity(sub="alice", perms=plain), identity(sub="bob", perms=plain)
+    assert Permissions.from_identity(alice) is Permissions.from_identity(bob)
+    # `{sub}` binds the sub: one Permissions per sub, each right for its own.
+    alice_own = Permissions.from_identity(identity(sub="alice", perms=bound))
+    bob_own = Permissions.from_identity(identity(sub="bob", perms=bound))
+    assert alice_own is not bob_own
+    assert alice_own.can_subscribe("user.alice") and not alice_own.can_subscribe("user.bob")
+    assert bob_own.can_subscribe("user.bob") and not bob_own.can_subscribe("user.alice")
+    # Roles count: admin is not shared with a non-admin of the same perms.
+    admin = Permissions.from_identity(identity(sub="carol", perms=plain, roles=("admin",)))
+    assert admin.admin and not Permissions.from_identity(alice).admin
+    # Bounded: past SHARED_LIMIT distinct perms the table starts again.
+    for i in range(permissions.SHARED_LIMIT + 1):
+        Permissions.from_identity(identity(perms={"sub": (f"c{i}.>",)}))
+    assert len(permissions._SHARED) <= permissions.SHARED_LIMIT
 
 
 def test_decisions_are_cached_and_stay_correct() -> None:

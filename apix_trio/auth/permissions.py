@@ -151,10 +151,18 @@ class _Rule:
         return allowed
 
 
+SHARED_LIMIT = 1024
+"""Distinct Permissions kept for sharing (`Permissions.from_identity`)."""
+_SHARED: dict[
+    tuple[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]], str | None, bool], Permissions
+] = {}
+
+
 class Permissions:
     """What one connection may subscribe to, publish to and use as state.
 
-    Built once per connection (and again on token refresh). `admin` grants
+    Built from an identity (`from_identity`), shared by the identities with
+    the same perms, and immutable once built. `admin` grants
     everything; keeping an admin inside its own org is the job of the
     org-scoped naming elsewhere, not of this class. Names are checked
     within the connection's org, without the org prefix.
@@ -180,24 +188,45 @@ class Permissions:
         """Compile an identity's `perms`, binding `{sub}` to its `sub`.
 
         Invalid patterns are skipped (they grant nothing); the verifier
-        already rejects tokens carrying them.
+        already rejects tokens carrying them. Identities with the same
+        perms, roles and (when a pattern has `{sub}`) sub share one
+        Permissions: it never changes once built (its answers are cached,
+        and the same for every holder), and most connections of a node
+        carry a handful of distinct perms. At most `SHARED_LIMIT` are kept.
         """
+        perms = identity.perms
+        sub_pub_state = (
+            tuple(perms.get("sub", ())),
+            tuple(perms.get("pub", ())),
+            tuple(perms.get("state", ())),
+        )
+        binds_sub = any(SUB_TOKEN in text for texts in sub_pub_state for text in texts)
+        admin = ADMIN_ROLE in identity.roles
+        key = (sub_pub_state, identity.sub if binds_sub else None, admin)
+        shared = _SHARED.get(key)
+        if shared is not None:
+            return shared
 
-        def compiled(kind: str) -> list[Pattern]:
+        def compiled(texts: tuple[str, ...]) -> list[Pattern]:
             patterns = []
-            for text in identity.perms.get(kind, ()):
+            for text in texts:
                 try:
                     patterns.append(compile_pattern(text, sub=identity.sub))
                 except BadPattern:
                     continue
             return patterns
 
-        return cls(
-            subscribe=compiled("sub"),
-            publish=compiled("pub"),
-            state=compiled("state"),
-            admin=ADMIN_ROLE in identity.roles,
+        subscribe, publish, state = sub_pub_state
+        permissions = cls(
+            subscribe=compiled(subscribe),
+            publish=compiled(publish),
+            state=compiled(state),
+            admin=admin,
         )
+        if len(_SHARED) >= SHARED_LIMIT:
+            _SHARED.clear()
+        _SHARED[key] = permissions
+        return permissions
 
     def can_subscribe(self, channel: str) -> bool:
         """Subscribe, history and presence on `channel` (`perms.sub`)."""

@@ -7,7 +7,7 @@ An idle connection is one task and a few small objects. `Connection.run`
 the socket. It decodes frames through the sans-IO `ServerProtocol`, answers
 what needs no I/O (bad frames, unauthenticated ops, rate limits) and queues
 commands; it never waits on the broker, so pings and close frames keep
-flowing. Helpers run in the connection's nursery only while they have work:
+flowing. Helper tasks run only while they have work:
 
 - op worker: started when a command is queued and none is running, gone
   when the queue is empty. It runs commands one at a time, in arrival order
@@ -16,6 +16,16 @@ flowing. Helpers run in the connection's nursery only while they have work:
 - writer: started when a socket write could not complete at once (the
   socket is full, or the stream is not a plain socket), gone once the
   outbox is empty.
+- closing reader: keeps reading while the close procedure waits (below).
+
+The connection has no nursery of its own (one costs every idle connection
+~1.3 KB and every set-up a cancel scope): its helpers are started in the
+nursery its own task runs in (`handle_stream` passes it; on the server,
+the connections nursery), each under a cancel scope the connection keeps.
+The promise of a nursery still holds: `run` cancels every helper still
+running when it ends (normally, by an error or cancelled from outside) and
+waits for them, shielded, before it returns; a helper's error ends the
+connection (1011) and is raised from `run`, not into the shared nursery.
 
 Frames (replies, pushes, events, pongs, pings) are queued in the outbox and
 written by the node's write coalescer (`gateway/coalesce.py`): one `send`
@@ -38,6 +48,7 @@ reading. Cleanup (router, registry, metrics, timers) is synchronous in
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 
@@ -80,9 +91,12 @@ class Connection:
         "_abuse",
         "_auth_timer",
         "_closing",
+        "_crash",
         "_flush_before_close",
         "_flush_marked",
         "_heartbeat_timer",
+        "_helpers",
+        "_helpers_gone",
         "_joined_org",
         "_nursery",
         "_op_room",
@@ -117,7 +131,14 @@ class Connection:
         "ws",
     )
 
-    def __init__(self, hub: Hub, ws: ServerWebSocket, *, conn_id: str | None = None) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        ws: ServerWebSocket,
+        *,
+        conn_id: str | None = None,
+        peer: str | None = None,
+    ) -> None:
         settings = hub.settings
         self.hub = hub
         self.ws = ws
@@ -137,14 +158,23 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.opened_at = trio.current_time()
-        self.peer = auditing.peer_address(ws.stream)  # the audit trail's `ip`
+        # The audit trail's `ip` (the handshake has looked it up already).
+        self.peer = auditing.peer_address(ws.stream) if peer is None else peer
         self.claimed: tuple[str, str] | None = None  # org/sub of a verified token refused later
         self.received_at = 0.0  # arrival of the command the op worker runs
         self._closing = False
         self._read_scope = trio.CancelScope()
         self._reader_done: trio.Event | None = None  # made when the close begins
-        self._nursery: trio.Nursery | None = None  # None: no more helpers
+        # Where helpers start (the nursery the connection's task runs in);
+        # None: no more helpers.
+        self._nursery: trio.Nursery | None = None
+        # The cancel scopes of the op worker and writer while they run.
         self._work_scopes: list[trio.CancelScope] = []
+        # Every helper's scope (the closing reader's too) while it runs:
+        # `run` cancels them and waits until the list is empty.
+        self._helpers: list[trio.CancelScope] = []
+        self._helpers_gone: trio.Event | None = None  # made when `run` waits
+        self._crash: Exception | None = None  # a helper's error, raised from `run`
         # Commands with the trio time they arrived: the `unavailable` bound
         # counts from arrival, not from when the op worker gets to them. A
         # list (at most OP_QUEUE long), not a deque: 56 bytes idle, not 760.
@@ -233,9 +263,32 @@ class Connection:
     # -- outbound --------------------------------------------------------------
 
     def send_text(self, text: str) -> None:
-        """Queue a reply or push; a full outbox closes the connection (4009)."""
-        if not self._deliver(text_frame_str(text), None, None, None):
-            self._slow_consumer()
+        """Write or queue a reply or push; a full outbox closes the connection
+        (4009).
+
+        Written at once when nothing of this connection is queued or being
+        written and no command waits behind the one being answered: no
+        other frame of this connection is coming that could share its write
+        (a reply goes to one connection, unlike an event's frame), so
+        waiting for the coalescer would only delay it. Otherwise queued
+        like an event's frame (`enqueue_event`)."""
+        frame = text_frame_str(text)
+        outbox = self.outbox
+        if (
+            not self._ops
+            and not self._flush_marked
+            and not self._writer_running
+            and not len(outbox)
+            and outbox.accepting
+        ):
+            written = self.ws.try_send_nowait(frame)
+            if written == len(frame):
+                return
+            # An empty outbox takes any one frame: the rest goes out first.
+            outbox.put_nowait(frame[written:] if written else frame)
+            self._start_writer()
+            return
+        self.enqueue_event(frame, None)
 
     def enqueue_event(
         self,
@@ -244,33 +297,56 @@ class Connection:
         tracker: SentTracker | None = None,
         event_id: StreamId | None = None,
     ) -> None:
-        """Send or queue an event frame; `tracker.sent_id` becomes `event_id`
-        once written. `ts` None: not an event (a presence push), so it is
-        neither counted as delivered nor timed."""
-        if not self._deliver(frame, ts, tracker, event_id):
-            self._slow_consumer()
+        """Write or queue an event frame; `tracker.sent_id` becomes `event_id`
+        once written. `ts` None: not an event (a reply, a presence push), so
+        it is neither counted as delivered nor timed. A full outbox closes
+        the connection (4009).
 
-    def _deliver(
-        self,
-        frame: bytes,
-        ts: int | None,
-        tracker: SentTracker | None,
-        event_id: StreamId | None,
-    ) -> bool:
-        """Queue the frame and see that it gets written: by the coalescer at
-        the end of this tick, or by the writer task when one is running.
-        False when the outbox is full."""
-        if not self.outbox.put_nowait(frame, ts, tracker, event_id):
-            return False
-        self._written_soon()
-        return True
+        Written at once, without waiting for the coalescer, when `frame` is
+        the one being written at once (`WriteCoalescer.direct_frame`, or it
+        becomes that one: `begin_direct`) and nothing of this connection is
+        queued or being written: then nothing can be overtaken. Whatever the
+        socket does not take is queued first, for the writer task. Otherwise
+        queued, and written by the coalescer at the end of this tick, or by
+        the writer task when one is running."""
+        outbox = self.outbox
+        coalescer = self.hub.coalescer
+        coalescer.added += 1
+        if (
+            (frame is coalescer.direct_frame or (coalescer.idle and coalescer.begin_direct(frame)))
+            and not self._flush_marked
+            and not self._writer_running
+            and not len(outbox)
+            and outbox.accepting
+        ):
+            written = self.ws.try_send_nowait(frame)
+            if written == len(frame):
+                if ts is not None:
+                    counts = self.hub.tally.counts
+                    identity = self.identity
+                    key = (identity.org if identity is not None else "", ts)
+                    counts[key] = counts.get(key, 0) + 1
+                if tracker is not None and event_id is not None:
+                    tracker.sent_id = event_id
+                return
+            # An empty outbox takes any one frame: the rest goes out first.
+            outbox.put_nowait(frame[written:] if written else frame, ts, tracker, event_id)
+            self._start_writer()
+            return
+        if not outbox.put_nowait(frame, ts, tracker, event_id):
+            self._slow_consumer()
+            return
+        if self._flush_marked or self._writer_running:
+            return
+        if self.ws.can_send_nowait:
+            self._flush_marked = True
+            coalescer.mark(self)
+        else:
+            self._start_writer()
 
     def _send_control(self, frame: bytes) -> None:
         """Queue a ping or pong in order with the data frames (no limits)."""
         self.outbox.put_control(frame)
-        self._written_soon()
-
-    def _written_soon(self) -> None:
         coalescer = self.hub.coalescer
         coalescer.added += 1
         if self._flush_marked or self._writer_running:
@@ -289,7 +365,7 @@ class Connection:
         if self._writer_running or not len(outbox):
             return
         batch = outbox.take_batch(FLUSH_BYTES)
-        data = batch[0].frame if len(batch) == 1 else b"".join(item.frame for item in batch)
+        data = batch[0][0] if len(batch) == 1 else b"".join([item[0] for item in batch])
         written = self.ws.try_send_nowait(data)
         if written == len(data):
             self._account(batch)
@@ -299,14 +375,14 @@ class Connection:
             return
         sent: list[Queued] = []
         for index, item in enumerate(batch):
-            size = len(item.frame)
+            size = len(item[0])
             if written >= size:
                 written -= size
                 sent.append(item)
                 continue
             rest = batch[index:]
             if written:
-                rest[0] = item._replace(frame=item.frame[written:])
+                rest[0] = (item[0][written:], item[1], item[2], item[3])
             outbox.push_front(rest)
             break
         self._account(sent)
@@ -318,13 +394,12 @@ class Connection:
         positions."""
         counts = self.hub.tally.counts
         org = self.identity.org if self.identity is not None else ""
-        for item in batch:
-            event_ts = item.event_ts
+        for _frame, event_ts, tracker, event_id in batch:
             if event_ts is not None:
                 key = (org, event_ts)
                 counts[key] = counts.get(key, 0) + 1
-            if item.tracker is not None and item.event_id is not None:
-                item.tracker.sent_id = item.event_id
+            if tracker is not None and event_id is not None:
+                tracker.sent_id = event_id
 
     def _slow_consumer(self) -> None:
         if not self._closing:
@@ -376,8 +451,14 @@ class Connection:
 
     # -- lifecycle -------------------------------------------------------------
 
-    async def run(self, *, header_identity: Identity | None = None) -> None:
+    async def run(
+        self, helpers: trio.Nursery, *, header_identity: Identity | None = None
+    ) -> None:
         """Serve the connection until it closes; never raises for client faults.
+
+        `helpers`: the nursery to start helper tasks in, one that outlives
+        this call (the nursery this task runs in). None of them outlives
+        this call: see the module docstring. A helper's error is raised here.
 
         Resource handling: registers with the hub's registry and removes every
         trace (router entries, org count, gauges, timer entries) in `finally`,
@@ -387,28 +468,34 @@ class Connection:
         hub.registry.add(self)
         hub.metrics.connections.inc()
         hub.metrics.connections_total.inc()
-        self.log.info("connect")
+        if hub.log.is_enabled_for(logging.INFO):  # skips binding a logger that drops the line
+            self.log.info("connect")
+        self._nursery = helpers
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._start_timers(header_identity)
-                if header_identity is not None:
-                    self.authenticate(header_identity)
-                    self.send_text(encode_push("connected", **self.auth_result()))
-                with self._read_scope:
-                    await self._read_loop()
-                await self._close(nursery)
+            self._start_timers(header_identity)
+            if header_identity is not None:
+                self.authenticate(header_identity)
+                self.send_text(encode_push("connected", **self.auth_result()))
+            with self._read_scope:
+                await self._read_loop()
+            await self._close()
         finally:
             self._nursery = None
+            if self._helpers:
+                await self._end_helpers()
             self._cleanup()
+            self.ws.unlink()  # no cycle left: freed by refcounting, not the cyclic GC
             await self.ws.aclose()
+        if self._crash is not None:
+            crash, self._crash = self._crash, None
+            raise crash
 
-    async def _close(self, nursery: trio.Nursery) -> None:
+    async def _close(self) -> None:
         """The close procedure, once `request_close` was called."""
         reader_done = self._reader_done
         if reader_done is None:  # the reader was interrupted: keep reading meanwhile
             reader_done = self._reader_done = trio.Event()
-            nursery.start_soon(self._read_loop)
+            self._spawn(self._read_loop, work=False)
         if self._flush_before_close:
             with trio.move_on_after(FLUSH_WAIT):
                 await self.outbox.wait_empty()
@@ -421,10 +508,23 @@ class Connection:
             if len(self.outbox):  # our answer to the peer's close frame
                 with trio.move_on_after(FLUSH_WAIT):
                     await self.outbox.wait_empty()
-        nursery.cancel_scope.cancel()
+
+    async def _end_helpers(self) -> None:
+        """Cancel the helpers still running and wait until they are gone,
+        shielded: whatever ends the connection, it outlives none of them (a
+        socket write in progress finishes, bounded by its send timeout)."""
+        for scope in self._helpers:
+            scope.cancel()
+        with trio.CancelScope(shield=True):
+            while self._helpers:
+                gone = self._helpers_gone = trio.Event()
+                await gone.wait()
+        self._helpers_gone = None
 
     async def _send_close(self) -> bool:
         """Send our close frame; False when the socket is dead (no reply can come)."""
+        if self.ws.broken:  # e.g. reset by the peer: the write could only fail
+            return False
         code = self.close_code or CloseCode.NORMAL
         try:
             await self.ws.send_close(code, self.close_reason)
@@ -457,26 +557,48 @@ class Connection:
         hub.directory.closed(self.id)
         hub.metrics.connections.dec()
         code = self.close_code if self.close_code is not None else 1006
-        hub.metrics.closes.labels(code=str(code)).inc()
-        self.log.info(
-            "close",
-            code=code,
-            reason=self.close_reason,
-            duration=round(trio.current_time() - self.opened_at, 3),
-        )
+        hub.metrics.count_close(code)
+        if hub.log.is_enabled_for(logging.INFO):
+            self.log.info(
+                "close",
+                code=code,
+                reason=self.close_reason,
+                duration=round(trio.current_time() - self.opened_at, 3),
+            )
 
-    def _spawn(self, fn: Callable[[trio.CancelScope], Awaitable[None]]) -> bool:
-        """Start a helper in the connection's nursery; False once closing."""
+    def _spawn(self, fn: Callable[[], Awaitable[None]], *, work: bool = True) -> bool:
+        """Start a helper; False once closing. `work`: the op worker or the
+        writer, which the close procedure cancels before its close frame."""
         nursery = self._nursery
         if nursery is None:
             return False
         scope = trio.CancelScope()
         try:
-            nursery.start_soon(fn, scope)
+            nursery.start_soon(self._helper, fn, scope)
         except RuntimeError:  # the nursery is already closing
             return False
-        self._work_scopes.append(scope)
+        self._helpers.append(scope)
+        if work:
+            self._work_scopes.append(scope)
         return True
+
+    async def _helper(self, fn: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+        """Run one helper: its cancellation stays in its scope, and its error
+        ends this connection (1011) and is raised from `run`, not into the
+        nursery the connection shares with others."""
+        try:
+            with scope:
+                await fn()
+        except Exception as exc:
+            if self._crash is None:
+                self._crash = exc
+            self.request_close(CloseCode.INTERNAL_ERROR, flush=False)
+        finally:
+            if scope in self._work_scopes:
+                self._work_scopes.remove(scope)
+            self._helpers.remove(scope)
+            if not self._helpers and self._helpers_gone is not None:
+                self._helpers_gone.set()
 
     # -- reader ----------------------------------------------------------------
 
@@ -545,39 +667,34 @@ class Connection:
 
     # -- helpers ---------------------------------------------------------------
 
-    async def _op_worker(self, scope: trio.CancelScope) -> None:
+    async def _op_worker(self) -> None:
         run_command = self.hub.commands
         ops = self._ops
         try:
-            with scope:
-                while ops:
-                    command, received_at = ops.pop(0)
-                    if self._op_room is not None:
-                        self._op_room.unpark()
-                    self.received_at = received_at
-                    await run_command(self, command, received_at)
+            while ops:
+                command, received_at = ops.pop(0)
+                if self._op_room is not None:
+                    self._op_room.unpark()
+                self.received_at = received_at
+                await run_command(self, command, received_at)
         finally:
             self._worker_running = False
-            self._work_scopes.remove(scope)
 
     def _start_writer(self) -> None:
         if not self._writer_running and len(self.outbox):
             self._writer_running = self._spawn(self._write_loop)
 
-    async def _write_loop(self, scope: trio.CancelScope) -> None:
+    async def _write_loop(self) -> None:
         outbox = self.outbox
         try:
-            with scope:
-                while batch := outbox.take_batch():
-                    await self.ws.send_raw_frames(b"".join(item.frame for item in batch))
-                    self._account(batch)
-                    self.hub.tally.commit()
+            while batch := outbox.take_batch():
+                await self.ws.send_raw_frames(b"".join([item[0] for item in batch]))
+                self._account(batch)
+                self.hub.tally.commit()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.request_close(1006, "connection lost", flush=False)
         finally:
             self._writer_running = False
-            self._work_scopes.remove(scope)
-
     # -- timers ----------------------------------------------------------------
 
     def _start_timers(self, header_identity: Identity | None) -> None:

@@ -73,16 +73,17 @@ def check_request(
 
 async def _handshake(
     hub: Hub, ws: ServerWebSocket, conn_id: str
-) -> tuple[bool, Identity | None]:
-    """Read and answer the upgrade; (True, identity) when the WebSocket opened.
+) -> tuple[bool, Identity | None, str]:
+    """Read and answer the upgrade; (True, identity, peer address) when the
+    WebSocket opened.
 
     With header auth, the org's connection slot is taken before accepting
     (429 when the org is at its cap, 503 when the backend cannot tell).
     """
     with trio.move_on_after(HANDSHAKE_TIMEOUT):
         request = await ws.read_request()
+        peer = auditing.peer_address(ws.stream)
         try:
-            peer = auditing.peer_address(ws.stream)
             subprotocol, identity = check_request(hub, request, conn_id=conn_id, peer=peer)
             if identity is not None:
                 try:
@@ -95,26 +96,42 @@ async def _handshake(
         except Rejected as exc:
             hub.metrics.handshake_rejections.labels(status=str(exc.status)).inc()
             await ws.reject(exc.status, exc.message + "\n")
-            return False, None
-        await ws.accept(request, subprotocol)
-        return True, identity
-    return False, None
+            return False, None, peer
+        # With header auth the `connected` push follows at once: one write for both.
+        await ws.accept(request, subprotocol, with_next_write=identity is not None)
+        return True, identity, peer
+    return False, None, ""
 
 
 async def handle_stream(hub: Hub, stream: trio.abc.Stream) -> None:
     """Serve one accepted TCP stream to its end; never raises.
 
     Resource handling: the stream is closed and any connection slot taken
-    for it is released before this returns.
+    for it is released before this returns (the accept loop runs this as
+    the stream's task and relies on it: it does not close the stream again).
+    The connection's helper tasks run in the nursery this task was started
+    in, and `Connection.run` returns only once they are gone.
     """
-    ws = ServerWebSocket(
-        stream, max_message_bytes=hub.settings.limits.max_message_bytes, send_timeout=SEND_TIMEOUT
-    )
+    try:
+        ws = ServerWebSocket(
+            stream,
+            max_message_bytes=hub.settings.limits.max_message_bytes,
+            send_timeout=SEND_TIMEOUT,
+        )
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
     conn_id = new_connection_id()
     try:
-        opened, identity = await _handshake(hub, ws, conn_id)
+        opened, identity, peer = await _handshake(hub, ws, conn_id)
         if opened:
-            await Connection(hub, ws, conn_id=conn_id).run(header_identity=identity)
+            conn = Connection(hub, ws, conn_id=conn_id, peer=peer)
+            helpers = trio.lowlevel.current_task().parent_nursery
+            if helpers is None:  # the root task: no nursery around it to share
+                async with trio.open_nursery() as helpers:
+                    await conn.run(helpers, header_identity=identity)
+            else:
+                await conn.run(helpers, header_identity=identity)
     except (HandshakeFailed, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     except Exception:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import HistogramMetricFamily
@@ -79,6 +80,7 @@ class Metrics:
         self.closes = Counter(
             "apix_connection_closes", "Connections closed, by close code", ["code"], registry=r
         )
+        self._closes_by_code: dict[int, Any] = {}
         self.auth_failures = Counter(
             "apix_auth_failures", "Failed authentications, by reason", ["reason"], registry=r
         )
@@ -152,6 +154,14 @@ class Metrics:
                 self.latency,
             )
         )
+
+    def count_close(self, code: int) -> None:
+        """`closes` for `code`, with the labelled child kept (a `labels()`
+        lookup on every close costs more than the increment)."""
+        child = self._closes_by_code.get(code)
+        if child is None:
+            child = self._closes_by_code[code] = self.closes.labels(code=str(code))
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
