@@ -103,6 +103,8 @@ class BusReader:
         self._start_tails: list[tuple[str, int | None]] | None = None
         """Where to start when known before the first read (else: the ends
         the first connection finds)."""
+        self.failure = ""
+        """Why the last attempt to read failed ("" while reading)."""
         self.positioned = False
         """Whether the reader knows where it starts (where the bus ended when
         it first asked). Until then nothing published is known to reach the
@@ -155,7 +157,7 @@ class BusReader:
                     log.info("redis_bus_reading", after_failures=failures, **self._where())
                 self.ok = True
                 failures = 0
-                last_error = ""
+                last_error = self.failure = ""
                 if not started:
                     started = True
                     task_status.started()
@@ -163,7 +165,7 @@ class BusReader:
             except BrokerUnavailable as exc:
                 if self.ok or failures == 0 or str(exc) != last_error:
                     log.warning("redis_bus_read_failed", error=str(exc))
-                last_error = str(exc)
+                last_error = self.failure = str(exc)
                 self.ok = False
                 self._failures += 1
                 failures += 1

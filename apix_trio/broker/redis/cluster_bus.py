@@ -110,6 +110,14 @@ class ClusterBus(BusReader):
     def positioned(self, value: bool) -> None:
         pass
 
+    @property  # the first failing shard reader's reason
+    def failure(self) -> str:
+        return next((reader.failure for reader in self.readers if reader.failure), "")
+
+    @failure.setter
+    def failure(self, value: str) -> None:
+        pass
+
     def statistics(self) -> BusStatistics:
         parts = [reader.statistics() for reader in self.readers]
         return BusStatistics(

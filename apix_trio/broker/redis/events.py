@@ -105,7 +105,7 @@ class _EncodedKeys:
 
 
 _KEY_CACHE_SIZE = 65_536
-NOT_POSITIONED = "the bus reader does not know where the bus ends yet (Redis unreachable so far)"
+NOT_POSITIONED = "the bus reader does not know where the bus ends yet"
 
 
 def _ms(seconds: float) -> int:
@@ -280,7 +280,7 @@ class RedisBroker(Broker):
             # A replay (or a subscription's starting position) read now could
             # end before where the bus reader will start, and the events in
             # between would reach neither: refuse until the reader knows.
-            raise BrokerUnavailable(NOT_POSITIONED)
+            raise BrokerUnavailable(f"{NOT_POSITIONED}: {self.bus.failure or 'no answer yet'}")
         keys = self._keys(org, channel)
         args = (mode.encode(), since.encode(), b"%d" % max(0, limit))
         reply = await self.scripts.call(READ, keys.read, args, write=False, durable_read=True)
