@@ -7,8 +7,9 @@ task (`serve`) owns a connection (`resp.RedisConnection`, trio-native, hiredis
 parsing) and runs two loops on it:
 
 - the writer takes whatever is queued (up to `max_batch` calls), writes it
-  in one `send_all` (plus one WAIT when `publish_wait_replicas` > 0 and the
-  batch writes) and goes on with the next batch *without waiting for the
+  in one `send_all` (plus, when `publish_wait_replicas` > 0, one fence
+  write when the batch holds a durable read and one WAIT when it writes or
+  reads durably; see `ScriptBatcher.call`) and goes on with the next batch *without waiting for the
   replies*, as long as fewer than `batch_workers` batches are unanswered;
 - the reader reads the replies in order and resolves each call with its own
   reply or error.
