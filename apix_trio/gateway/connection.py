@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 from structlog.typing import FilteringBoundLogger
@@ -281,12 +281,7 @@ class Connection:
             and not len(outbox)
             and outbox.accepting
         ):
-            written = self.ws.try_send_nowait(frame)
-            if written == len(frame):
-                return
-            # An empty outbox takes any one frame: the rest goes out first.
-            outbox.put_nowait(frame[written:] if written else frame)
-            self._start_writer()
+            self._write_now(frame, None, None, None)
             return
         self.enqueue_event(frame, None)
 
@@ -319,43 +314,50 @@ class Connection:
             and not len(outbox)
             and outbox.accepting
         ):
-            written = self.ws.try_send_nowait(frame)
-            if written == len(frame):
-                if ts is not None:
-                    counts = self.hub.tally.counts
-                    identity = self.identity
-                    key = (identity.org if identity is not None else "", ts)
-                    counts[key] = counts.get(key, 0) + 1
-                if tracker is not None and event_id is not None:
-                    tracker.sent_id = event_id
-                return
-            # An empty outbox takes any one frame: the rest goes out first.
-            outbox.put_nowait(frame[written:] if written else frame, ts, tracker, event_id)
-            self._start_writer()
+            self._write_now(frame, ts, tracker, event_id)
             return
         if not outbox.put_nowait(frame, ts, tracker, event_id):
             self._slow_consumer()
             return
+        self._schedule_flush()
+
+    def _write_now(
+        self,
+        frame: bytes,
+        ts: int | None,
+        tracker: SentTracker | None,
+        event_id: StreamId | None,
+    ) -> None:
+        """Write `frame` with one non-blocking send; the caller made sure
+        nothing of this connection is queued or being written. What the
+        socket does not take is queued (an empty outbox takes any one frame)
+        for the writer task."""
+        written = self.ws.try_send_nowait(frame)
+        if written == len(frame):
+            if ts is not None or tracker is not None:
+                self._account(((frame, ts, tracker, event_id),))
+            return
+        self.outbox.put_nowait(frame[written:] if written else frame, ts, tracker, event_id)
+        self._start_writer()
+
+    def _schedule_flush(self) -> None:
+        """Frames were queued: have the coalescer flush them at the end of
+        this tick (marked once until flushed), or the writer task when the
+        socket cannot take a non-blocking write; nothing when either is
+        already on its way."""
         if self._flush_marked or self._writer_running:
             return
         if self.ws.can_send_nowait:
             self._flush_marked = True
-            coalescer.mark(self)
+            self.hub.coalescer.mark(self)
         else:
             self._start_writer()
 
     def _send_control(self, frame: bytes) -> None:
         """Queue a ping or pong in order with the data frames (no limits)."""
         self.outbox.put_control(frame)
-        coalescer = self.hub.coalescer
-        coalescer.added += 1
-        if self._flush_marked or self._writer_running:
-            return
-        if self.ws.can_send_nowait:
-            self._flush_marked = True
-            coalescer.mark(self)
-        else:
-            self._start_writer()
+        self.hub.coalescer.added += 1
+        self._schedule_flush()
 
     def flush_ready(self) -> None:
         """Write queued frames with one non-blocking send (the coalescer calls
@@ -388,7 +390,7 @@ class Connection:
         self._account(sent)
         self._start_writer()
 
-    def _account(self, batch: list[Queued]) -> None:
+    def _account(self, batch: Sequence[Queued]) -> None:
         """Frames are on the wire: count the events for the hub's tally (its
         `commit` observes latency and delivery metrics) and move the session
         positions."""
