@@ -64,6 +64,24 @@ FENCE_TTL_MS = b"1000"
 """How long a durable-read fence key lives (it is only ever written)."""
 
 
+def fence_command(key: bytes) -> bytes:
+    """The durable-read fence write in `key`'s slot (see `ScriptBatcher.call`)."""
+    return pack_command(b"SET", fence_key(key), b"1", b"PX", FENCE_TTL_MS)
+
+
+def wait_command(replicas: int, timeout: float) -> bytes:
+    """`WAIT replicas ms`: it gives up before the caller does (0.75 x
+    `timeout`), so a slow replica reads as "too few acks", not as a timeout."""
+    wait_ms = max(1, int(timeout * 1000 * 0.75))
+    return pack_command(b"WAIT", b"%d" % replicas, b"%d" % wait_ms)
+
+
+def too_few_replicas(acked: object, wanted: int, *, read: bool) -> str:
+    """The BrokerUnavailable text for a WAIT that `acked` too few replicas."""
+    held = "hold what was read" if read else "acknowledged the write"
+    return f"only {acked} of {wanted} replicas {held}"
+
+
 @attrs.define(eq=False, slots=True)
 class _Call:
     """One command waiting for its reply."""
@@ -129,10 +147,7 @@ class ScriptBatcher:
         self._address = parse_url(url)
         self._timeout = timeout
         self._wait_replicas = wait_replicas
-        # WAIT gives up before the caller does, so a slow replica reads as
-        # "too few acks" rather than as a timeout.
-        wait_ms = max(1, int(timeout * 1000 * 0.75))
-        self._wait_command = pack_command(b"WAIT", b"%d" % wait_replicas, b"%d" % wait_ms)
+        self._wait_command = wait_command(wait_replicas, timeout)
         self._tuning = tuning
         self._queue: collections.deque[_Call] = collections.deque()
         self._room = trio.lowlevel.ParkingLot()
@@ -195,7 +210,7 @@ class ScriptBatcher:
         call = _Call(script, command, write, trio.current_time() + self._timeout)
         if durable_read and self._wait_replicas > 0 and keys:
             call.waits = True
-            call.fence = pack_command(b"SET", fence_key(keys[0]), b"1", b"PX", FENCE_TTL_MS)
+            call.fence = fence_command(keys[0])
         return await self._execute(call)
 
     async def _execute(self, call: _Call) -> Any:
@@ -403,8 +418,7 @@ class ScriptBatcher:
                 else:
                     call.fail(f"redis {script.name} failed: {reply}")
             elif call.waits and acked is not None and acked < self._wait_replicas:
-                held = "hold what was read" if call.fence else "acknowledged the write"
-                call.fail(f"only {acked} of {self._wait_replicas} replicas {held}")
+                call.fail(too_few_replicas(acked, self._wait_replicas, read=bool(call.fence)))
             else:
                 call.resolve(reply)
         if scripts:

@@ -50,8 +50,14 @@ from typing import Any
 import trio
 
 from apix_trio.broker.model import BrokerUnavailable
-from apix_trio.broker.redis.batch import FENCE_TTL_MS, BatchStatistics, ScriptBatcher
-from apix_trio.broker.redis.keys import fence_key, hash_slot
+from apix_trio.broker.redis.batch import (
+    BatchStatistics,
+    ScriptBatcher,
+    fence_command,
+    too_few_replicas,
+    wait_command,
+)
+from apix_trio.broker.redis.keys import hash_slot
 from apix_trio.broker.redis.resp import RedisAddress, ReplyError, open_connection
 from apix_trio.broker.redis.scripts import Script
 from apix_trio.broker.redis.support import RedisTuning, backoff_delay, pack_command
@@ -228,13 +234,9 @@ class ClusterScripts(ScriptBatcher):
         commands += [pack_command(b"ASKING"), evalsha]
         fenced = durable_read and self._wait_replicas > 0 and bool(keys)
         if fenced:  # the slot is importing here: the fence needs ASKING too
-            fence = pack_command(b"SET", fence_key(keys[0]), b"1", b"PX", FENCE_TTL_MS)
-            commands += [pack_command(b"ASKING"), fence]
+            commands += [pack_command(b"ASKING"), fence_command(keys[0])]
         if (write or fenced) and self._wait_replicas > 0:
-            wait_ms = max(1, int(self._timeout * 1000 * 0.75))
-            commands.append(
-                pack_command(b"WAIT", b"%d" % self._wait_replicas, b"%d" % wait_ms)
-            )
+            commands.append(wait_command(self._wait_replicas, self._timeout))
         connection = await open_connection(address)
         try:
             await connection.send(b"".join(commands))
@@ -248,8 +250,7 @@ class ClusterScripts(ScriptBatcher):
         if fenced and isinstance(replies[4], ReplyError):
             acked = 0
         if acked is not None and not (isinstance(acked, int) and acked >= self._wait_replicas):
-            held = "hold what was read" if fenced else "acknowledged the write"
-            raise BrokerUnavailable(f"only {acked} of {self._wait_replicas} replicas {held}")
+            raise BrokerUnavailable(too_few_replicas(acked, self._wait_replicas, read=fenced))
         return reply
 
     async def ping(self) -> None:
