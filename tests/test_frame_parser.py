@@ -25,15 +25,23 @@ def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
 
 
+async def connected_by_header(mem):
+    """A client authenticated by its upgrade's Bearer header, its `connected`
+    push read, and the server's connection, which has received no frame
+    yet: it has no frame parser."""
+    client = await mem.connect(headers=[(b"authorization", f"Bearer {mem.token()}".encode())])
+    push = await client.recv()
+    assert push is not None and push["push"] == "connected"
+    await trio.testing.wait_all_tasks_blocked()
+    conn = next(iter(mem.hub.registry))
+    assert conn.ws._ws is None  # nothing received: no parser
+    return client, conn
+
+
 async def test_closed_before_the_first_frame_completes_the_handshake(tmp_path, autojump_clock):
     async with memory_hub(tmp_path, heartbeat={"interval": 1e6}) as mem:
         hub = mem.hub
-        client = await mem.connect(headers=[(b"authorization", f"Bearer {mem.token()}".encode())])
-        push = await client.recv()
-        assert push is not None and push["push"] == "connected"
-        await trio.testing.wait_all_tasks_blocked()
-        conn = next(iter(hub.registry))
-        assert conn.ws._ws is None  # nothing received: no parser
+        client, conn = await connected_by_header(mem)
         started = trio.current_time()
         conn.request_close(CloseCode.GOING_AWAY)
         del conn
@@ -47,13 +55,7 @@ async def test_closed_before_the_first_frame_completes_the_handshake(tmp_path, a
 
 async def test_pings_before_the_first_frame(tmp_path, autojump_clock):
     async with memory_hub(tmp_path, heartbeat={"interval": 10.0, "timeout": 5.0}) as mem:
-        hub = mem.hub
-        client = await mem.connect(headers=[(b"authorization", f"Bearer {mem.token()}".encode())])
-        push = await client.recv()
-        assert push is not None and push["push"] == "connected"
-        await trio.testing.wait_all_tasks_blocked()
-        conn = next(iter(hub.registry))
-        assert conn.ws._ws is None
+        client, conn = await connected_by_header(mem)
         # The first ping is built without a parser; the pong makes one.
         assert await client.recv(until=lambda: len(client.pings) >= 3) is None
         assert client.close_code is None
