@@ -187,9 +187,10 @@ class TopologyRedis:
         killed replica, until the next fault (`heal`); one whose replica is
         not is restarted at once (see `kill_master`)."""
         self.heal()  # at most one server down at a time: the topology must survive
+        masters = self._master_ports()
         replicas = [
             server for server in _servers(self.setup)
-            if server.running and server.port not in self._master_ports()
+            if server.running and server.port not in masters
         ]  # fmt: skip
         if replicas and rng.random() < 1 / 3:
             victim = rng.choice(replicas)
