@@ -241,12 +241,18 @@ async def _serve_listener(
         try:
             stream = await listener.accept()
         except OSError as exc:
-            if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                raise
-            log.error("accept_failed", error=errno.errorcode[exc.errno], retry_in=ACCEPT_RETRY)
-            await trio.sleep(ACCEPT_RETRY)
+            await _wait_out_overload(exc)
         else:
             handler_nursery.start_soon(handle_stream, hub, stream)
+
+
+async def _wait_out_overload(exc: OSError) -> None:
+    """After a failed accept(2): re-raise `exc` unless it says the system is
+    overloaded (ACCEPT_CAPACITY_ERRNOS); then log it and wait ACCEPT_RETRY."""
+    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+        raise exc
+    log.error("accept_failed", error=errno.errorcode[exc.errno], retry_in=ACCEPT_RETRY)
+    await trio.sleep(ACCEPT_RETRY)
 
 
 async def _serve_socket(
@@ -273,12 +279,7 @@ async def _serve_socket(
                 except OSError as exc:
                     if exc.errno in IGNORABLE_ACCEPT_ERRNOS:
                         continue
-                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    log.error(
-                        "accept_failed", error=errno.errorcode[exc.errno], retry_in=ACCEPT_RETRY
-                    )
-                    await trio.sleep(ACCEPT_RETRY)
+                    await _wait_out_overload(exc)
                     break
                 stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
                 handler_nursery.start_soon(handle_stream, hub, stream)
