@@ -187,7 +187,9 @@ def check_command(command: Any) -> None:
     if isinstance(command, StateSet):
         orjson.loads(command.value)
     if isinstance(command, StatePatch):
-        assert isinstance(orjson.loads(command.patch), dict)
+        # any JSON value (RFC 7396: a non-object patch replaces the value;
+        # tests/test_protocol_codec.py, PROTOCOL.md `state.patch`)
+        orjson.loads(command.patch)
     if isinstance(command, Ack):
         assert 1 <= len(command.ids) <= 1000
         for event_id in command.ids:
